@@ -1,0 +1,1 @@
+# src/defectvad/__init__.py
