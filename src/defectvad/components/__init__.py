@@ -1,0 +1,1 @@
+# src/defectvad/components/__init__.py

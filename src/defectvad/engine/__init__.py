@@ -1,0 +1,1 @@
+# src/defectvad/engine/__init__.py

@@ -1,0 +1,215 @@
+# src/defectvad/engine/base_trainer.py
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from defectvad.engine.checkpoints import save_weights
+from defectvad.engine.devices import autocast
+from defectvad.engine.early_stopping import EarlyStopping
+from defectvad.errors import ConfigError, TrainingError
+from defectvad.metrics.evaluation import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+class BaseTrainer:
+    # loop defaults of the model, as anomalib's `trainer_arguments`; the trainer config group overrides them
+    trainer_arguments = {"max_epochs": 1}
+    # whether inputs are ImageNet-normalised for this model (transform.normalize=null picks this)
+    normalize_input = True
+
+    def __init__(self):
+        self.model = None
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+        self.max_epochs = self.trainer_arguments.get("max_epochs", 1)
+        self.max_steps = self.trainer_arguments.get("max_steps")
+        self.gradient_clip_val = self.trainer_arguments.get("gradient_clip_val")
+        self.check_val_every_n_epoch = 1
+        self.early_stopping = None
+        self.weights_dir = None
+        self.progress_bar = None
+        self.current_epoch = 0
+        self.global_step = 0
+        self.should_stop = False
+        self.optimizer = None
+        self.scheduler = None
+        self.validation_metrics = {}
+        self.train_losses = []
+
+    def configure_engine(self, device="cpu", precision="fp32", max_epochs=None, max_steps=None,
+                         gradient_clip_val=None, check_val_every_n_epoch=1, early_stopping=None,
+                         weights_dir=None, progress_bar=None):
+        self.device = torch.device(device)
+        self.precision = precision
+        if max_epochs is not None:
+            self.max_epochs = max_epochs
+        if max_steps is not None:
+            self.max_steps = max_steps
+        if gradient_clip_val is not None:
+            self.gradient_clip_val = gradient_clip_val
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        if early_stopping and early_stopping.get("monitor"):
+            self.early_stopping = EarlyStopping(**early_stopping)
+        self.weights_dir = Path(weights_dir) if weights_dir else None
+        # None: a bar on a terminal, quiet in logs
+        self.progress_bar = progress_bar
+        return self
+
+    # hooks, in the order they fire (see fit)
+    def on_fit_start(self): pass
+    def on_train_start(self): pass
+    def on_train_epoch_start(self): pass
+    def on_train_batch_start(self, batch, batch_idx): pass
+    def on_train_batch_end(self, outputs, batch, batch_idx): pass
+    def on_train_epoch_end(self): pass
+    def on_validation_epoch_start(self): pass
+    def on_validation_batch_start(self, batch, batch_idx): pass
+    def on_validation_batch_end(self, outputs, batch, batch_idx): pass
+    def on_validation_epoch_end(self): pass
+    def on_train_end(self): pass
+    def on_fit_end(self): pass
+
+    def configure_optimizers(self):
+        # None (nothing learned by gradient), an optimizer, or (optimizer, scheduler)
+        return None
+
+    def training_step(self, batch, batch_idx):
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        return self.model(batch["image"])
+
+    def learns_by_gradient(self):
+        return self.optimizer is not None
+
+    def fit(self, train_loader, val_loader=None):
+        if len(train_loader.dataset) == 0:
+            raise TrainingError("the training set is empty")
+        self.model.to(self.device)
+        self.setup_optimizers()
+        self.on_fit_start()
+        self.on_train_start()
+        while not self.should_stop and self.current_epoch < self.max_epochs:
+            self.model.train()
+            self.on_train_epoch_start()
+            self.run_train_epoch(train_loader)
+            self.on_train_epoch_end()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if val_loader is not None and (self.current_epoch + 1) % self.check_val_every_n_epoch == 0:
+                self.run_validation(val_loader)
+            self.save_checkpoints()
+            self.current_epoch += 1
+            if self.max_steps is not None and self.global_step >= self.max_steps:
+                self.should_stop = True
+        self.on_train_end()
+        self.on_fit_end()
+        return self
+
+    def setup_optimizers(self):
+        configured = self.configure_optimizers()
+        if isinstance(configured, (tuple, list)):
+            self.optimizer, self.scheduler = configured
+        else:
+            self.optimizer, self.scheduler = configured, None
+
+    def run_train_epoch(self, train_loader):
+        bar = self.create_progress_bar(train_loader, f"epoch {self.current_epoch + 1}/{self.max_epochs}")
+        epoch_losses = []
+        for batch_idx, batch in enumerate(bar):
+            batch = self.move_batch(batch)
+            self.on_train_batch_start(batch, batch_idx)
+            with autocast(self.device, self.precision):
+                outputs = self.training_step(batch, batch_idx)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is not None and self.optimizer is not None:
+                self.backward_and_step(loss)
+                epoch_losses.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            self.global_step += 1
+            self.on_train_batch_end(outputs, batch, batch_idx)
+            if self.max_steps is not None and self.global_step >= self.max_steps:
+                break
+        if epoch_losses:
+            self.train_losses.append(sum(epoch_losses) / len(epoch_losses))
+            log.info("epoch %d: train_loss %.5f", self.current_epoch + 1, self.train_losses[-1])
+
+    def backward_and_step(self, loss):
+        if not math.isfinite(loss.item()):
+            kept = "the last good weights are in weights/last.safetensors" if self.current_epoch > 0 else "no weights were saved"
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step}; "
+                f"training stopped ({kept}); try a lower learning rate or precision fp32"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip_val)
+        self.optimizer.step()
+
+    def run_validation(self, val_loader):
+        predictions = self.predict(val_loader, hooks=True)
+        self.validation_metrics = compute_metrics(
+            predictions["pred_score"], predictions["label"],
+            predictions["anomaly_map"][:, 0], predictions["mask"][:, 0] if predictions["has_masks"] else None,
+        )
+        if self.train_losses:
+            self.validation_metrics["train_loss"] = self.train_losses[-1]
+        if self.early_stopping is not None:
+            value = self.validation_metrics.get(self.early_stopping.monitor)
+            if value is None:
+                valid = ", ".join(sorted(self.validation_metrics))
+                raise ConfigError(f"early stopping monitors '{self.early_stopping.monitor}', which is not computed; choose one of: {valid}")
+            if self.early_stopping.update(value):
+                self.save_weights("best.safetensors")
+            self.should_stop = self.should_stop or self.early_stopping.should_stop
+
+    @torch.no_grad()
+    def predict(self, loader, hooks=False):
+        self.model.to(self.device)
+        self.model.eval()
+        if hooks:
+            self.on_validation_epoch_start()
+        scores, maps, labels, masks, paths = [], [], [], [], []
+        for batch_idx, batch in enumerate(self.create_progress_bar(loader, "predict")):
+            batch = self.move_batch(batch)
+            if hooks:
+                self.on_validation_batch_start(batch, batch_idx)
+            with autocast(self.device, self.precision):
+                outputs = self.validation_step(batch, batch_idx)
+            if hooks:
+                self.on_validation_batch_end(outputs, batch, batch_idx)
+            scores.append(outputs["pred_score"].float().cpu().reshape(-1))
+            maps.append(outputs["anomaly_map"].float().cpu())
+            labels.append(batch["label"].cpu())
+            masks.append(batch["mask"].cpu())
+            paths.extend(batch["image_path"])
+        if hooks:
+            self.on_validation_epoch_end()
+        return {
+            "pred_score": torch.cat(scores),
+            "anomaly_map": torch.cat(maps),
+            "label": torch.cat(labels),
+            "mask": torch.cat(masks),
+            "image_path": paths,
+            "has_masks": getattr(loader.dataset, "has_masks", True),
+        }
+
+    def save_checkpoints(self):
+        self.save_weights("last.safetensors")
+
+    def save_weights(self, name):
+        if self.weights_dir is not None:
+            save_weights(self.model, self.weights_dir / name)
+
+    def move_batch(self, batch):
+        return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+    def create_progress_bar(self, loader, description):
+        disable = not sys.stderr.isatty() if self.progress_bar is None else not self.progress_bar
+        return tqdm(loader, desc=description, leave=False, disable=disable, dynamic_ncols=True)

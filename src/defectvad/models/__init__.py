@@ -1,0 +1,1 @@
+# src/defectvad/models/__init__.py

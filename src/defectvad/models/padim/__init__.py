@@ -1,0 +1,1 @@
+# src/defectvad/models/padim/__init__.py

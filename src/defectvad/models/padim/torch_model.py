@@ -1,0 +1,55 @@
+# src/defectvad/models/padim/torch_model.py
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.components.multi_variate_gaussian import MultiVariateGaussian
+from defectvad.errors import ConfigError
+from defectvad.models.padim.anomaly_map import AnomalyMapGenerator
+
+# the paper's reduced dimensions; efficientnet_lite0 (176 channels in layer1-3) is our own choice
+N_FEATURES_DEFAULTS = {"resnet18": 100, "wide_resnet50_2": 550, "efficientnet_lite0": 100}
+
+
+class PadimModel(nn.Module):
+    def __init__(self, backbone="resnet18", layers=("layer1", "layer2", "layer3"), weights_path=None, n_features=None):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.feature_extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
+        self.n_features_original = sum(self.feature_extractor.out_dims)
+        self.n_features = n_features or N_FEATURES_DEFAULTS.get(backbone)
+        if self.n_features is None:
+            known = ", ".join(sorted(N_FEATURES_DEFAULTS))
+            raise ConfigError(f"PaDiM needs model.n_features for backbone {backbone} (defaults exist for: {known})")
+        if not 0 < self.n_features <= self.n_features_original:
+            raise ConfigError(f"model.n_features must be in 1..{self.n_features_original} for backbone {backbone}, got {self.n_features}")
+        self.register_buffer("idx", torch.randperm(self.n_features_original)[: self.n_features])
+        self.anomaly_map_generator = AnomalyMapGenerator()
+        self.gaussian = MultiVariateGaussian()
+        self.memory_bank = []
+
+    def forward(self, images):
+        with torch.no_grad():
+            embeddings = self.generate_embedding(self.feature_extractor(images))
+        if self.training:
+            self.memory_bank.append(embeddings)
+            return embeddings
+        anomaly_map = self.anomaly_map_generator(
+            embeddings, self.gaussian.mean, self.gaussian.inv_covariance, image_size=images.shape[-2:]
+        )
+        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+
+    def generate_embedding(self, features):
+        embeddings = features[self.layers[0]]
+        for layer in self.layers[1:]:
+            upsampled = F.interpolate(features[layer], size=embeddings.shape[-2:], mode="nearest")
+            embeddings = torch.cat((embeddings, upsampled), 1)
+        return torch.index_select(embeddings, 1, self.idx.to(embeddings.device))
+
+    def fit(self):
+        if not self.memory_bank:
+            raise ConfigError("PaDiM saw no training images; check the training set")
+        self.gaussian.fit(torch.vstack(self.memory_bank))
+        self.memory_bank = []
