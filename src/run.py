@@ -95,12 +95,21 @@ def run_experiment(cfg, run_dir, choices, overrides):
         return record
     except BaseException as error:
         record["status"] = "failed"
-        record["error"] = str(error) or type(error).__name__
+        record["error"] = str(find_user_error(error) or error) or type(error).__name__
         record["traceback"] = traceback.format_exc()
         raise
     finally:
         record["run"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(run_dir / "metrics.json", record)
+
+
+def find_user_error(error):
+    # hydra.utils.instantiate wraps what a constructor raised; the user's mistake is in the chain
+    while error is not None:
+        if isinstance(error, DefectVADError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -112,10 +121,11 @@ def main(cfg):
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         record = run_experiment(cfg, run_dir, choices, overrides)
-    except DefectVADError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("error: %s", error)
+        log.error("error: %s", user_error)
         sys.exit(1)
     log.info("%s on %s/%s\n%s", record["run"]["model"], record["run"]["dataset"], record["run"]["category"],
              format_metrics_table(record["metrics"], record["timing"]))
