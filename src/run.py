@@ -81,6 +81,7 @@ def run_experiment(cfg, run_dir, choices, overrides):
             "metrics": {key: metrics[key] for key in METRIC_KEYS},
             "timing": {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)},
             "resources": {"peak_rss_mb": measure_peak_rss_mb()},
+            "model": trainer.summary(),
             "environment": {"torch": torch.__version__, "device": str(device), "threads": threads,
                             "precision": cfg.hardware.precision},
             "evaluation": {

@@ -74,6 +74,10 @@ class BaseTrainer:
     def on_train_end(self): pass
     def on_fit_end(self): pass
 
+    def summary(self):
+        # model facts worth keeping in metrics.json (e.g. a memory bank's size)
+        return {}
+
     def configure_optimizers(self):
         # None (nothing learned by gradient), an optimizer, or (optimizer, scheduler)
         return None
