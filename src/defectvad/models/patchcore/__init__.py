@@ -1,0 +1,1 @@
+# src/defectvad/models/patchcore/__init__.py
