@@ -1,0 +1,1 @@
+# src/defectvad/models/efficient_ad/__init__.py
