@@ -1,0 +1,1 @@
+# src/defectvad/data/__init__.py

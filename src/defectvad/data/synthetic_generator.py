@@ -1,0 +1,106 @@
+# src/defectvad/data/synthetic_generator.py
+import math
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from defectvad.data.synthetic_defects import DEFECTS
+from defectvad.data.synthetic_scenes import (SIZE, XX, YY, render_disc, render_gear, render_marble,
+                                             render_tablet, render_tiles, render_weave)
+from defectvad.errors import DatasetError
+
+CATEGORY_SPECS = {
+    "tiles": (render_tiles, ("crack", "hole", "stain", "color")),
+    "weave": (render_weave, ("scratch", "hole", "stain", "color")),
+    "marble": (render_marble, ("crack", "hole", "stain", "color")),
+    "disc": (render_disc, ("scratch", "missing", "stain", "color")),
+    "tablet": (render_tablet, ("crack", "missing", "stain", "hole")),
+    "gear": (render_gear, ("missing", "scratch", "hole", "color")),
+}
+SYNTHETIC_CATEGORIES = tuple(CATEGORY_SPECS)
+TRAIN_COUNT, TEST_GOOD_COUNT, DEFECTS_PER_TYPE = 40, 10, 5
+CHANGE_THRESHOLD = 0.08
+MIN_DEFECT_PIXELS = 250
+
+
+def draw_lighting(rng):
+    angle = float(rng.uniform(0, 2 * np.pi))
+    ramp = float(rng.uniform(0, 0.08)) * ((XX - SIZE / 2) * math.cos(angle) + (YY - SIZE / 2) * math.sin(angle)) / SIZE
+    gain = (rng.uniform(0.95, 1.05) * (1 + rng.uniform(-0.02, 0.02, 3))).astype(np.float32)
+    return (1 + ramp)[..., None] * gain
+
+
+def quantize(image):
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_image(render, defect, rng):
+    scene = render(rng)
+    lighting = draw_lighting(rng)
+    clean = scene.compose() * lighting
+    mask = None
+    image = clean
+    if defect is not None:
+        for _ in range(20):
+            image = defect(scene, rng).compose() * lighting
+            mask = np.abs(image - clean).max(axis=2) > CHANGE_THRESHOLD
+            if mask.sum() >= MIN_DEFECT_PIXELS:
+                break
+    noise = rng.normal(0, 0.012, image.shape).astype(np.float32)
+    return quantize(image + noise), mask
+
+
+def write_png(array, path):
+    Image.fromarray(array).save(path, compress_level=1)
+
+
+def write_category(folder, name, seed):
+    render, defect_types = CATEGORY_SPECS[name]
+    name_code = zlib.crc32(name.encode())
+    jobs = [("train", "good", None, i) for i in range(TRAIN_COUNT)]
+    jobs += [("test", "good", None, i) for i in range(TEST_GOOD_COUNT)]
+    jobs += [("test", t, DEFECTS[t], i) for t in defect_types for i in range(DEFECTS_PER_TYPE)]
+    for split, defect_type, defect, index in jobs:
+        # one stream per image, so a category's files do not depend on the others
+        type_code = zlib.crc32(f"{split}/{defect_type}".encode())
+        rng = np.random.default_rng([seed, name_code, type_code, index])
+        image, mask = render_image(render, defect, rng)
+        image_dir = folder / split / defect_type
+        image_dir.mkdir(parents=True, exist_ok=True)
+        write_png(image, image_dir / f"{index:03d}.png")
+        if mask is not None:
+            mask_dir = folder / "ground_truth" / defect_type
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            write_png(mask.astype(np.uint8) * 255, mask_dir / f"{index:03d}_mask.png")
+
+
+def generate_synthetic_dataset(root, categories=None, seed=0):
+    root = Path(root)
+    categories = SYNTHETIC_CATEGORIES if categories is None else categories
+    if isinstance(categories, str):
+        categories = [categories]
+    unknown = [c for c in categories if c not in CATEGORY_SPECS]
+    if unknown:
+        raise DatasetError(f"unknown synthetic categories: {', '.join(map(str, unknown))}; "
+                           f"choose from {', '.join(SYNTHETIC_CATEGORIES)}")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in categories:
+        target = root / name
+        if target.exists():
+            continue
+        temporary = root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            write_category(temporary, name, seed)
+            os.rename(temporary, target)
+        except OSError:
+            # another process finished the same category first
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return root

@@ -1,0 +1,48 @@
+# src/defectvad/data/transforms.py
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from defectvad.errors import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_size_pair(size, name):
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return (size, size)
+    try:
+        pair = tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or min(pair) <= 0:
+        raise DatasetError(f"{name} must be a positive int or a pair [height, width], got {size!r}")
+    return pair
+
+
+class ImageTransform:
+    def __init__(self, image_size=(256, 256), center_crop=None, normalize=True):
+        self.image_size = image_size
+        self.center_crop = center_crop
+        self.normalize = normalize
+
+    def __call__(self, image, mask=None):
+        size = to_size_pair(self.image_size, "image_size")
+        crop = None if self.center_crop is None else to_size_pair(self.center_crop, "center_crop")
+        if crop is not None and (crop[0] > size[0] or crop[1] > size[1]):
+            raise DatasetError(f"center_crop {crop} is larger than image_size {size}; make it smaller")
+
+        image = F.pil_to_tensor(image.convert("RGB")).float() / 255.0
+        image = F.resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
+        if mask is None:
+            mask = torch.zeros(1, *size)
+        else:
+            mask = F.pil_to_tensor(mask.convert("L"))
+            mask = F.resize(mask, list(size), InterpolationMode.NEAREST)
+        if crop is not None:
+            image = F.center_crop(image, list(crop))
+            mask = F.center_crop(mask, list(crop))
+        if self.normalize:
+            image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        return image, (mask > 0).float()
