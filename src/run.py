@@ -5,6 +5,7 @@ import sys
 import time
 import traceback
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,13 +14,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from defectvad.errors import DefectVADError  # noqa: E402
 from defectvad.records import METRIC_KEYS, format_metrics_table, read_git_commit, write_json_atomic, write_text_atomic  # noqa: E402
+from defectvad.sweeps.callbacks import prepare_sweeps  # noqa: E402
+from defectvad.sweeps.jobs import find_user_error, run_single_job, run_sweep_job  # noqa: E402
+from defectvad.sweeps.processes import read_peak_memory, stop_on_sigterm  # noqa: E402
 
 log = logging.getLogger("defectvad")
+prepare_sweeps()
 
 
 def run_experiment(cfg, run_dir, choices, overrides):
@@ -30,7 +35,6 @@ def run_experiment(cfg, run_dir, choices, overrides):
     from defectvad.data.transforms import ImageTransform
     from defectvad.engine.devices import check_precision, resolve_device, set_threads
     from defectvad.engine.seeding import seed_everything
-    from defectvad.metrics.efficiency import measure_peak_rss_mb
     from defectvad.metrics.evaluation import compute_metrics
 
     record = {
@@ -42,6 +46,9 @@ def run_experiment(cfg, run_dir, choices, overrides):
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    # a run killed outright leaves "running", never a stale "ok"
+    write_json_atomic(run_dir / "metrics.json", record)
     try:
         # cheap checks first: a missing weights file stops the run before any data or model work
         device = resolve_device(cfg.hardware.accelerator)
@@ -80,7 +87,7 @@ def run_experiment(cfg, run_dir, choices, overrides):
             "status": "ok",
             "metrics": {key: metrics[key] for key in METRIC_KEYS},
             "timing": {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)},
-            "resources": {"peak_rss_mb": measure_peak_rss_mb()},
+            "resources": read_peak_memory(device),
             "model": trainer.summary(),
             "environment": {"torch": torch.__version__, "device": str(device), "threads": threads,
                             "precision": cfg.hardware.precision},
@@ -95,7 +102,7 @@ def run_experiment(cfg, run_dir, choices, overrides):
         })
         return record
     except BaseException as error:
-        record["status"] = "failed"
+        record["status"] = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
         record["error"] = str(find_user_error(error) or error) or type(error).__name__
         record["traceback"] = traceback.format_exc()
         raise
@@ -104,30 +111,19 @@ def run_experiment(cfg, run_dir, choices, overrides):
         write_json_atomic(run_dir / "metrics.json", record)
 
 
-def find_user_error(error):
-    # hydra.utils.instantiate wraps what a constructor raised; the user's mistake is in the chain
-    while error is not None:
-        if isinstance(error, DefectVADError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    choices = dict(hydra_cfg.runtime.choices)
-    overrides = list(hydra_cfg.overrides.task)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    try:
-        record = run_experiment(cfg, run_dir, choices, overrides)
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("error: %s", user_error)
-        sys.exit(1)
+    experiment = partial(run_experiment, cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
+    stop_on_sigterm()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # a run already ok is skipped, a failed one is recorded and the sweep goes on
+        record = run_sweep_job(experiment, run_dir, cfg.sweep.rerun)
+    else:
+        record = run_single_job(experiment)
+    if record is None:
+        return None
     log.info("%s on %s/%s\n%s", record["run"]["model"], record["run"]["dataset"], record["run"]["category"],
              format_metrics_table(record["metrics"], record["timing"]))
     log.info("run folder: %s", run_dir)

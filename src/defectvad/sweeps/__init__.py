@@ -1,0 +1,1 @@
+# src/defectvad/sweeps/__init__.py

@@ -1,0 +1,47 @@
+# src/defectvad/sweeps/runs.py
+from pathlib import Path
+
+import pandas as pd
+
+from defectvad.records import METRIC_KEYS
+from defectvad.sweeps.folders import extra_overrides, find_runs
+
+IDENTITY = ["model", "backbone", "dataset", "category", "seed", "overrides"]
+COSTS = ["fit_s", "test_s", "peak_rss_mb", "peak_cuda_mb"]
+COLUMNS = ["sweep_dir", "run_dir", *IDENTITY, "image_size", "status", "error", *METRIC_KEYS, *COSTS, "device",
+           "started", "finished", "git_commit"]
+
+
+def read_runs(folders):
+    # one row per metrics.json below the folders; superseded: a newer run of the same identity exists
+    rows = [read_row(Path(folder), path, record) for folder in folders for path, record in find_runs(folder)]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["seed"] = frame["seed"].astype("Int64")
+    frame["superseded"] = mark_superseded(frame)
+    return frame
+
+
+def read_row(folder, path, record):
+    row = {"sweep_dir": str(folder), "run_dir": str(path.parent)}
+    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+        return {**row, "status": "unreadable", "error": "metrics.json is not a run record"}
+    run = record["run"]
+    overrides = [str(override) for override in run.get("overrides") or []]
+    row.update({key: run.get(key) for key in ("model", "backbone", "dataset", "started", "finished", "git_commit")})
+    row.update(category=str(run.get("category")), seed=run.get("seed"), overrides=tuple(extra_overrides(overrides)),
+               image_size="x".join(str(size) for size in run.get("image_size") or []))
+    row.update(status=record.get("status"), error=record.get("error"))
+    row.update({key: (record.get("metrics") or {}).get(key) for key in METRIC_KEYS})
+    costs = {**(record.get("timing") or {}), **(record.get("resources") or {})}
+    row.update({key: costs.get(key) for key in COSTS})
+    row["device"] = (record.get("environment") or {}).get("device")
+    return row
+
+
+def mark_superseded(frame):
+    readable = frame[frame["status"] != "unreadable"]
+    finished = pd.to_datetime(readable["finished"], utc=True, errors="coerce", format="ISO8601")
+    # ties and runs that never finished keep the order the folders were given in
+    newest = readable.loc[finished.sort_values(na_position="first", kind="stable").index]
+    kept = newest.drop_duplicates(IDENTITY, keep="last").index
+    return frame.index.isin(readable.index) & ~frame.index.isin(kept)
