@@ -1,6 +1,4 @@
 # tests/test_datasets.py
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -8,10 +6,9 @@ from PIL import Image
 
 from defectvad.data.btad import BTADDataset
 from defectvad.data.folder import FolderDataset
+from defectvad.data.images import read_mask
 from defectvad.data.loaders import create_dataloader
 from defectvad.data.mvtec import MVTecDataset
-from defectvad.data.synthetic import SyntheticDataset
-from defectvad.data.synthetic_generator import SYNTHETIC_CATEGORIES, generate_synthetic_dataset
 from defectvad.data.transforms import ImageTransform
 from defectvad.data.visa import VisaDataset
 from defectvad.errors import DatasetError
@@ -205,37 +202,58 @@ def test_dataloader_order_is_seeded(tmp_path):
     assert first == second and sorted(first) == sorted(s["image_path"] for s in train.samples)
 
 
-def tree_digest(folder):
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def test_empty_training_set_and_bad_split_are_reported(tmp_path):
+    base = write_mvtec(tmp_path)
+    for path in (base / "train" / "good").iterdir():
+        path.unlink()
+    (base / "train" / "good" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match="no train images found"):
+        MVTecDataset(tmp_path, "bottle", "train", SMALL)
+    with pytest.raises(DatasetError, match="split must be 'train' or 'test'"):
+        MVTecDataset(tmp_path, "bottle", "val", SMALL)
 
 
-def test_synthetic_generator_is_deterministic_with_exact_masks(tmp_path):
-    category = SYNTHETIC_CATEGORIES[0]
-    generate_synthetic_dataset(tmp_path / "a", [category])
-    generate_synthetic_dataset(tmp_path / "b", [category])
-    assert tree_digest(tmp_path / "a" / category) == tree_digest(tmp_path / "b" / category)
-    test = SyntheticDataset(tmp_path / "a", category, "test", ImageTransform(64, normalize=False))
-    train = SyntheticDataset(tmp_path / "a", category, "train", ImageTransform(64, normalize=False))
-    assert len(train) >= 24
-    defect_types = {s["defect_type"] for s in test.samples} - {"good"}
-    assert len(defect_types) >= 3
-    for sample in test.samples:
-        mask = np.asarray(Image.open(sample["mask_path"])) if sample["mask_path"] else None
-        if sample["label"] == 1:
-            assert mask is not None and (mask > 0).sum() > 0
-        else:
-            assert mask is None
-    assert not list((tmp_path / "a").glob(".*tmp*"))
+def test_image_extensions_are_case_insensitive_and_k_shot_leaves_test_alone(tmp_path):
+    base = write_mvtec(tmp_path)
+    write_image(base / "train" / "good" / "100.JPG")
+    write_image(base / "train" / "good" / "101.Tiff")
+    assert len(MVTecDataset(tmp_path, "bottle", "train", SMALL)) == 7
+    assert len(MVTecDataset(tmp_path, "bottle", "test", SMALL, k_shot=1)) == 5
+    with pytest.raises(DatasetError, match="k_shot must be a positive int"):
+        MVTecDataset(tmp_path, "bottle", "train", SMALL, k_shot=0)
 
 
-def test_synthetic_dataset_generates_on_first_use_and_rejects_unknown_categories(tmp_path):
-    category = SYNTHETIC_CATEGORIES[-1]
-    test = SyntheticDataset(tmp_path, category, "test", SMALL)
-    assert (tmp_path / category / "train" / "good").is_dir()
-    assert 0 < sum(s["label"] for s in test.samples) < len(test)
-    with pytest.raises(DatasetError, match="unknown synthetic category 'lava'.*" + SYNTHETIC_CATEGORIES[0]):
-        SyntheticDataset(tmp_path, "lava", "train", SMALL)
+def test_visa_wrong_layout_and_missing_raw_mask(tmp_path):
+    write_image(tmp_path / "candle" / "Data" / "Images" / "Normal" / "0000.JPG")
+    with pytest.raises(DatasetError, match="split_csv/1cls.csv.*candle/train/good"):
+        VisaDataset(tmp_path, "candle", "train", SMALL)
+    (tmp_path / "split_csv").mkdir()
+    write_image(tmp_path / "candle/Data/Images/Anomaly/000.JPG")
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n")
+    with pytest.raises(DatasetError, match="000.JPG has no mask; expected .*Masks/Anomaly/000.png"):
+        VisaDataset(tmp_path, "candle", "test", SMALL)
+
+
+def test_read_mask_binarises_palette_and_colour_masks(tmp_path):
+    palette = Image.new("P", (2, 2))
+    palette.putdata([0, 1, 2, 0])
+    # index 1 is red, whose grey value rounds to zero without care
+    palette.putpalette([0, 0, 0, 1, 0, 0, 0, 0, 9] + [0] * 759)
+    palette.save(tmp_path / "p.png")
+    Image.new("RGB", (2, 2), (0, 0, 3)).save(tmp_path / "rgb.png")
+    assert np.asarray(read_mask(tmp_path / "p.png")).tolist() == [[0, 255], [255, 0]]
+    assert np.asarray(read_mask(tmp_path / "rgb.png")).tolist() == [[255, 255], [255, 255]]
+    with pytest.raises(DatasetError, match="mask not found: .*none.png"):
+        read_mask(tmp_path / "none.png")
+
+
+def test_masks_resize_with_nearest_neighbour():
+    # a one pixel stripe at every other row: bilinear would give 0.5, nearest keeps whole rows
+    mask = Image.fromarray(np.tile(np.array([[5], [0]], dtype=np.uint8), (8, 16)))
+    _, resized = ImageTransform((8, 16), normalize=False)(Image.new("RGB", (16, 16)), mask)
+    assert set(resized.unique().tolist()) <= {0.0, 1.0}
+    assert resized.sum().item() == 8 * 16
+    _, empty = ImageTransform((8, 16))(Image.new("RGB", (16, 16)), None)
+    assert empty.shape == (1, 8, 16) and empty.sum().item() == 0

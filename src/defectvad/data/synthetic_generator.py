@@ -3,6 +3,7 @@ import math
 import os
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,24 +59,31 @@ def write_png(array, path):
     Image.fromarray(array).save(path, compress_level=1)
 
 
+def write_image(folder, name, seed, job):
+    render, _ = CATEGORY_SPECS[name]
+    split, defect_type, index = job
+    # one stream per image, so files do not depend on each other or on the order of writing
+    codes = [zlib.crc32(name.encode()), zlib.crc32(f"{split}/{defect_type}".encode())]
+    rng = np.random.default_rng([seed, *codes, index])
+    defect = DEFECTS.get(defect_type) if split == "test" else None
+    image, mask = render_image(render, defect, rng)
+    write_png(image, folder / split / defect_type / f"{index:03d}.png")
+    if mask is not None:
+        write_png(mask.astype(np.uint8) * 255, folder / "ground_truth" / defect_type / f"{index:03d}_mask.png")
+
+
 def write_category(folder, name, seed):
-    render, defect_types = CATEGORY_SPECS[name]
-    name_code = zlib.crc32(name.encode())
-    jobs = [("train", "good", None, i) for i in range(TRAIN_COUNT)]
-    jobs += [("test", "good", None, i) for i in range(TEST_GOOD_COUNT)]
-    jobs += [("test", t, DEFECTS[t], i) for t in defect_types for i in range(DEFECTS_PER_TYPE)]
-    for split, defect_type, defect, index in jobs:
-        # one stream per image, so a category's files do not depend on the others
-        type_code = zlib.crc32(f"{split}/{defect_type}".encode())
-        rng = np.random.default_rng([seed, name_code, type_code, index])
-        image, mask = render_image(render, defect, rng)
-        image_dir = folder / split / defect_type
-        image_dir.mkdir(parents=True, exist_ok=True)
-        write_png(image, image_dir / f"{index:03d}.png")
-        if mask is not None:
-            mask_dir = folder / "ground_truth" / defect_type
-            mask_dir.mkdir(parents=True, exist_ok=True)
-            write_png(mask.astype(np.uint8) * 255, mask_dir / f"{index:03d}_mask.png")
+    _, defect_types = CATEGORY_SPECS[name]
+    jobs = [("train", "good", i) for i in range(TRAIN_COUNT)]
+    jobs += [("test", "good", i) for i in range(TEST_GOOD_COUNT)]
+    jobs += [("test", t, i) for t in defect_types for i in range(DEFECTS_PER_TYPE)]
+    for split, defect_type, _ in jobs:
+        (folder / split / defect_type).mkdir(parents=True, exist_ok=True)
+    for defect_type in defect_types:
+        (folder / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
+    # numpy and zlib release the GIL, so threads share the work
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda job: write_image(folder, name, seed, job), jobs))
 
 
 def generate_synthetic_dataset(root, categories=None, seed=0):
