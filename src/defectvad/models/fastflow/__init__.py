@@ -1,0 +1,1 @@
+# src/defectvad/models/fastflow/__init__.py

@@ -1,0 +1,247 @@
+# tests/test_fastflow.py
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from defectvad.components.all_in_one_block import AllInOneBlock
+from defectvad.components.sequence_inn import SequenceINN
+from defectvad.engine.checkpoints import load_weights, save_weights
+from defectvad.errors import ConfigError
+from defectvad.metrics.auroc import auroc
+from defectvad.models.fastflow.anomaly_map import AnomalyMapGenerator
+from defectvad.models.fastflow.loss import FastflowLoss
+from defectvad.models.fastflow.torch_model import FastflowModel
+from defectvad.models.fastflow.trainer import FastflowTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # the test machine is shared: one thread avoids OpenMP spinning against other processes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StripesDataset(Dataset):
+    # normal images are noisy stripes with a random phase; anomalous ones carry a bright square
+    def __init__(self, count, anomalous_every=0, seed=0, size=64):
+        generator = torch.Generator().manual_seed(seed)
+        coords = torch.arange(size).float()
+        self.items = []
+        for index in range(count):
+            phase = torch.rand(1, generator=generator).item() * 2 * math.pi
+            stripes = torch.sin(coords / 3.0 + phase).reshape(1, 1, size).expand(3, size, size)
+            image = 0.5 * stripes + 0.1 * torch.randn(3, size, size, generator=generator)
+            mask = torch.zeros(1, size, size)
+            label = int(anomalous_every > 0 and index % anomalous_every == 0)
+            if label:
+                top, left = torch.randint(4, size - 20, (2,), generator=generator).tolist()
+                image[:, top:top + 16, left:left + 16] = 2.0
+                mask[:, top:top + 16, left:left + 16] = 1.0
+            self.items.append({"image": image, "label": label, "mask": mask, "image_path": f"img{index}.png"})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def conv_subnet(channels_in, channels_out):
+    return nn.Sequential(nn.Conv2d(channels_in, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels_out, 3, padding=1))
+
+
+def linear_subnet(channels_in, channels_out):
+    return nn.Sequential(nn.Linear(channels_in, 16), nn.ReLU(), nn.Linear(16, channels_out))
+
+
+def brute_force_log_det(flow, x, condition=None):
+    values = []
+    for index in range(x.shape[0]):
+        c = None if condition is None else [condition[index:index + 1]]
+
+        def single(v):
+            return flow(v.reshape(1, *x.shape[1:]), c=c)[0].reshape(-1)
+
+        jacobian = torch.autograd.functional.jacobian(single, x[index].reshape(-1))
+        values.append(torch.linalg.slogdet(jacobian)[1])
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize("permute_soft", [False, True])
+@pytest.mark.parametrize("gin_block", [False, True])
+def test_all_in_one_block_inverts_and_its_log_det_matches_the_jacobian(permute_soft, gin_block):
+    torch.manual_seed(0)
+    flow = SequenceINN(5, 3, 3)
+    for _ in range(3):
+        flow.append(AllInOneBlock, subnet_constructor=conv_subnet, permute_soft=permute_soft, gin_block=gin_block)
+    with torch.no_grad():
+        # away from the identity start, so every part of the block contributes
+        for parameter in flow.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    flow = flow.double()
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    y, log_det = flow(x)
+    x_back, log_det_back = flow(y, rev=True)
+    # the stored rotation is float32, orthogonal only to about 1e-7
+    tolerance = 1e-4 if permute_soft else 1e-10
+    torch.testing.assert_close(x_back, x, rtol=0, atol=tolerance)
+    torch.testing.assert_close(log_det_back, -log_det, rtol=0, atol=tolerance)
+    torch.testing.assert_close(log_det, brute_force_log_det(flow, x), rtol=0, atol=tolerance)
+    assert log_det.abs().min() > 1e-3 or gin_block
+    if gin_block:
+        assert log_det.abs().max() < 1e-10
+
+
+def test_conditional_vector_block_log_det_matches_the_jacobian():
+    torch.manual_seed(1)
+    flow = SequenceINN(6)
+    for _ in range(2):
+        flow.append(AllInOneBlock, cond=0, cond_shape=(4,), subnet_constructor=linear_subnet, affine_clamping=1.9)
+    flow = flow.double()
+    x, condition = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    y, log_det = flow(x, c=[condition])
+    torch.testing.assert_close(flow(y, c=[condition], rev=True)[0], x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(log_det, brute_force_log_det(flow, x, condition), rtol=0, atol=1e-10)
+    # another condition gives another output
+    assert (flow(x, c=[condition + 1])[0] - y).abs().max() > 1e-3
+
+
+def test_block_starts_as_anomalib_inits_it():
+    torch.manual_seed(0)
+    block = AllInOneBlock([(6, 4, 4)], subnet_constructor=conv_subnet)
+    # softplus activation of the initial scale gives exactly global_affine_init = 1
+    assert torch.allclose(block.global_scale_activation(block.global_scale), torch.ones(1, 6, 1, 1))
+    assert torch.equal(block.global_offset, torch.zeros(1, 6, 1, 1))
+    w = block.w_perm[:, :, 0, 0]
+    assert torch.equal(w.sum(0), torch.ones(6)) and torch.equal(w.sum(1), torch.ones(6))
+    assert torch.equal(block.w_perm_inv[:, :, 0, 0], w.T)
+    assert block.subnet[0].in_channels == 3 and block.subnet[2].out_channels == 6
+    with pytest.raises(ValueError, match="SIGMOID, SOFTPLUS or EXP"):
+        AllInOneBlock([(6, 4, 4)], subnet_constructor=conv_subnet, global_affine_type="RELU")
+
+
+def test_state_dict_names_and_shapes_follow_anomalib():
+    torch.manual_seed(0)
+    model = FastflowModel(input_size=(64, 64), backbone="resnet18")
+    state = model.state_dict()
+    assert state["norms.0.weight"].shape == (64, 16, 16)
+    assert state["norms.2.bias"].shape == (256, 4, 4)
+    assert state["fast_flow_blocks.0.module_list.0.global_scale"].shape == (1, 64, 1, 1)
+    assert state["fast_flow_blocks.2.module_list.7.w_perm"].shape == (256, 256, 1, 1)
+    # 3x3 and 1x1 subnets alternate
+    assert state["fast_flow_blocks.1.module_list.0.subnet.0.weight"].shape == (64, 64, 3, 3)
+    assert state["fast_flow_blocks.1.module_list.1.subnet.2.weight"].shape == (128, 64, 1, 1)
+    assert "feature_extractor.conv1.weight" in state and "feature_extractor.layer3.1.bn2.running_var" in state
+    assert not any("layer4" in key or key.startswith("extractor.") for key in state)
+    flow_keys = [key for key in state if key.startswith("fast_flow_blocks.")]
+    assert len(flow_keys) == 3 * 8 * 8
+    assert not any(p.requires_grad for p in model.feature_extractor.parameters())
+
+
+def test_loss_and_map_follow_the_formulas():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    jacobians = [torch.randn(2), torch.randn(2)]
+    expected = sum((0.5 * (h**2).sum(dim=(1, 2, 3)) - j).mean() for h, j in zip(hidden, jacobians))
+    assert torch.allclose(FastflowLoss()(hidden, jacobians), expected)
+    anomaly_map = AnomalyMapGenerator(input_size=(16, 16))(hidden)
+    assert anomaly_map.shape == (2, 1, 16, 16)
+    # zero hidden variables are the most likely: the map reaches its minimum, -1
+    assert torch.allclose(AnomalyMapGenerator((8, 8))([torch.zeros(1, 4, 8, 8)]), -torch.ones(1, 1, 8, 8))
+    assert anomaly_map.max() < 0 and anomaly_map.min() > -1
+
+
+def test_eval_output_contract_and_size_check():
+    torch.manual_seed(0)
+    model = FastflowModel(input_size=(64, 64), backbone="resnet18", flow_steps=2).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(3, 3, 64, 64))
+    assert outputs["pred_score"].shape == (3,)
+    assert outputs["anomaly_map"].shape == (3, 1, 64, 64)
+    assert torch.equal(outputs["pred_score"], outputs["anomaly_map"].amax(dim=(-2, -1)).reshape(-1))
+    model.train()
+    hidden, jacobians = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(h.shape) for h in hidden] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+    assert [tuple(j.shape) for j in jacobians] == [(2,)] * 3
+    with pytest.raises(ConfigError, match="model.input_size"):
+        model(torch.randn(1, 3, 96, 96))
+
+
+def make_trainer():
+    torch.manual_seed(0)
+    return FastflowTrainer(backbone="resnet18", input_size=(64, 64), flow_steps=2)
+
+
+def test_optimizer_is_anomalib_adam_and_a_step_lowers_the_loss():
+    trainer = make_trainer()
+    trainer.setup_optimizers()
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    assert (group["lr"], group["weight_decay"]) == (0.001, 0.00001)
+    frozen = {k: v.clone() for k, v in trainer.model.feature_extractor.state_dict().items()}
+    batch = {"image": torch.stack([StripesDataset(4)[i]["image"] for i in range(4)])}
+    trainer.model.train()
+    losses = []
+    for step in range(3):
+        loss = trainer.training_step(batch, step)["loss"]
+        trainer.backward_and_step(loss)
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0]
+    after = trainer.model.feature_extractor.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    weights_dir = tmp_path_factory.mktemp("fastflow") / "weights"
+    trainer = make_trainer().configure_engine(max_epochs=2, weights_dir=weights_dir, progress_bar=False)
+    trainer.fit(DataLoader(StripesDataset(16), batch_size=8, shuffle=True))
+    return trainer, DataLoader(StripesDataset(12, anomalous_every=2, seed=1), batch_size=6), weights_dir
+
+
+def test_fit_and_predict_separate_anomalies(fitted):
+    trainer, test_loader, _ = fitted
+    assert len(trainer.train_losses) == 2 and trainer.train_losses[1] < trainer.train_losses[0]
+    predictions = trainer.predict(test_loader)
+    assert predictions["anomaly_map"].shape == (12, 1, 64, 64)
+    assert auroc(predictions["pred_score"], predictions["label"]) >= 0.9
+    assert auroc(predictions["anomaly_map"].flatten(), predictions["mask"].flatten()) >= 0.9
+
+
+def test_checkpoint_round_trip_gives_same_predictions(fitted, tmp_path):
+    trainer, test_loader, weights_dir = fitted
+    assert (weights_dir / "last.safetensors").is_file()
+    save_weights(trainer.model, tmp_path / "fastflow.safetensors")
+    torch.manual_seed(123)
+    fresh = FastflowTrainer(backbone="resnet18", input_size=(64, 64), flow_steps=2)
+    load_weights(fresh.model, tmp_path / "fastflow.safetensors")
+    expected, restored = trainer.predict(test_loader), fresh.predict(test_loader)
+    assert torch.equal(expected["pred_score"], restored["pred_score"])
+    assert torch.equal(expected["anomaly_map"], restored["anomaly_map"])
+
+
+def test_config_sizes_the_model_from_the_transform():
+    overrides = ["model=fastflow", "backbone=efficientnet_lite0", "transform.image_size=[96,96]",
+                 "transform.center_crop=[64,64]"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=None, _convert_="all")
+    assert isinstance(trainer, FastflowTrainer)
+    assert (trainer.lr, trainer.weight_decay, trainer.max_epochs) == (0.001, 0.00001, 20)
+    assert trainer.model.input_size == (64, 64)
+    # efficientnet_lite0 at strides 4, 8, 16: 24, 40 and 112 channels
+    assert [tuple(norm.normalized_shape) for norm in trainer.model.norms] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
+    trainer.model.eval()
+    with torch.no_grad():
+        outputs = trainer.model(torch.randn(1, 3, 64, 64))
+    assert outputs["anomaly_map"].shape == (1, 1, 64, 64) and torch.isfinite(outputs["pred_score"]).all()
