@@ -1,0 +1,1 @@
+# src/defectvad/models/cfa/__init__.py
