@@ -1,0 +1,1 @@
+# src/defectvad/models/dfm/__init__.py
