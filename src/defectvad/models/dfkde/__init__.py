@@ -1,0 +1,1 @@
+# src/defectvad/models/dfkde/__init__.py
