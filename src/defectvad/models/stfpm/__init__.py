@@ -1,0 +1,1 @@
+# src/defectvad/models/stfpm/__init__.py
