@@ -20,3 +20,16 @@ class ConfigError(DefectVADError):
 
 class TrainingError(DefectVADError):
     pass
+
+
+class ExportError(DefectVADError):
+    pass
+
+
+def find_user_error(error):
+    # hydra.utils.instantiate wraps what a constructor raised; the user's mistake is in the chain
+    while error is not None:
+        if isinstance(error, DefectVADError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

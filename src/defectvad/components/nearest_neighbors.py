@@ -34,6 +34,11 @@ def nearest_neighbors(queries, bank, k=1, bank_sq=None, block_elements=BLOCK_ELE
     with torch.autocast(device_type=queries.device.type, enabled=False):
         queries, bank = queries.float(), bank.float()
         bank_sq = squared_norms(bank) if bank_sq is None else bank_sq.float().reshape(-1, 1)
+        if torch.jit.is_tracing():
+            # ONNX export: one block, since a traced loop would keep the trace's batch size
+            block = squared_distances(queries, bank, None, bank_sq)
+            distances, indices = block.topk(k, dim=1, largest=False)
+            return distances.clamp_min(0).sqrt(), indices
         n_queries, n_bank = queries.shape[0], bank.shape[0]
         query_step = max(1, min(n_queries, MAX_QUERIES, max(MIN_QUERIES, block_elements // n_bank)))
         bank_step = min(n_bank, max(k, block_elements // query_step))

@@ -1,9 +1,86 @@
 # src/defectvad/metrics/efficiency.py
 import resource
+import statistics
 import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from defectvad.engine.devices import autocast
+
+FLOPS_NOTE = ("torch.utils.flop_counter.FlopCounterMode on one evaluation forward at batch 1: convolutions and "
+              "matrix products (a memory-bank search or Mahalanobis distance counts as matmuls), 2 per "
+              "multiply-add; element-wise ops, pooling, interpolation and sorting are not counted")
 
 
 def measure_peak_rss_mb():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kilobytes on Linux and in bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def count_parameters(module):
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for b in module.buffers())
+    return {"total": total, "trainable": trainable, "buffer_elements": buffers}
+
+
+@torch.no_grad()
+def count_flops(model, images):
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(model, images, device, precision, warmup, repeats):
+    # seconds of each timed forward, after `warmup` untimed ones
+    times = []
+    for index in range(warmup + repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        with autocast(device, precision):
+            model(images)
+        synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def repeat_to_batch(images, batch_size):
+    copies = -(-batch_size // images.shape[0])
+    return images.repeat(copies, 1, 1, 1)[:batch_size]
+
+
+def measure_efficiency(model, images, device, precision="fp32", warmup=2, latency_repeats=5, batch_size=16,
+                       throughput_repeats=2):
+    # images: a few real inputs (C, H, W as the model sees them); every model is measured the same way
+    model.eval()
+    images = images.to(device)
+    single = images[:1]
+    batch = repeat_to_batch(images, batch_size)
+    latency = time_forward(model, single, device, precision, warmup, latency_repeats)
+    throughput = time_forward(model, batch, device, precision, warmup, throughput_repeats)
+    return {
+        "parameters": count_parameters(model),
+        "flops_per_image": count_flops(model, single),
+        "flops_note": FLOPS_NOTE,
+        "input_shape": list(single.shape[1:]),
+        "latency_ms": round(statistics.median(latency) * 1000, 3),
+        "latency": {"batch_size": 1, "warmup": warmup, "repeats": latency_repeats, "statistic": "median"},
+        "throughput_images_per_s": round(batch_size * throughput_repeats / sum(throughput), 2),
+        "throughput": {"batch_size": batch_size, "warmup": warmup, "repeats": throughput_repeats,
+                       "statistic": "images / total time of the repeats"},
+        "device": str(device),
+        "precision": precision,
+    }

@@ -3,7 +3,7 @@ import logging
 import os
 import sys
 
-from defectvad.errors import DefectVADError
+from defectvad.errors import find_user_error
 from defectvad.sweeps.folders import read_json, read_run_status
 from defectvad.sweeps.processes import Terminated, release_resources
 
@@ -54,12 +54,3 @@ def run_or_skip(experiment, run_dir, rerun):
         return None
     finally:
         release_resources()
-
-
-def find_user_error(error):
-    # hydra.utils.instantiate wraps what a constructor raised; the user's mistake is in the chain
-    while error is not None:
-        if isinstance(error, DefectVADError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None

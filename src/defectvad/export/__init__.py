@@ -1,0 +1,1 @@
+# src/defectvad/export/__init__.py

@@ -1,0 +1,1 @@
+# src/defectvad/inference/__init__.py

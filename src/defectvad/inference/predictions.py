@@ -1,0 +1,64 @@
+# src/defectvad/inference/predictions.py
+import glob
+from pathlib import Path
+
+import torch
+from torchvision.transforms import functional as F
+
+from defectvad.data.images import IMAGE_EXTENSIONS, is_image_file, read_image
+from defectvad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from defectvad.engine.devices import autocast
+from defectvad.errors import ConfigError, DatasetError
+
+
+def find_images(source):
+    # an image file, a folder (searched recursively) or a glob pattern
+    path = Path(source)
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if is_image_file(p)]
+    elif path.is_file():
+        found = [path]
+    else:
+        found = [Path(p) for p in glob.glob(str(source), recursive=True)]
+        found = [p for p in found if is_image_file(p)]
+    if not found:
+        raise ConfigError(f"no images found at {source}; give an image, a folder or a glob pattern of "
+                          f"{', '.join(IMAGE_EXTENSIONS)} files")
+    return sorted(found)
+
+
+def load_input(path, transform, normalize):
+    # (picture in [0, 1] as the model sees it, model input); corrupt files raise DatasetError
+    picture, _ = transform(read_image(path))
+    return picture, F.normalize(picture, IMAGENET_MEAN, IMAGENET_STD) if normalize else picture
+
+
+@torch.no_grad()
+def predict_batch(model, inputs, device, precision):
+    with autocast(device, precision):
+        outputs = model(inputs.to(device))
+    return outputs["pred_score"].float().cpu().reshape(-1), outputs["anomaly_map"].float().cpu()
+
+
+def predict_files(run, paths, batch_size, skipped):
+    # yields (path, picture, score, anomaly map (H, W)) batch by batch; unreadable files go to `skipped`
+    # as (path, reason) and the rest carry on
+    pending = []
+
+    def flush():
+        scores, maps = predict_batch(run.model, torch.stack([x for _, _, x in pending]), run.device, run.precision)
+        for (path, picture, _), score, anomaly_map in zip(pending, scores.tolist(), maps[:, 0]):
+            yield path, picture, score, anomaly_map
+        pending.clear()
+
+    for path in paths:
+        try:
+            picture, model_input = load_input(path, run.transform, run.normalize)
+        except DatasetError as error:
+            skipped.append((path, str(error)))
+            continue
+        pending.append((path, picture, model_input))
+        if len(pending) == batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()

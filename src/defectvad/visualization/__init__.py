@@ -1,0 +1,1 @@
+# src/defectvad/visualization/__init__.py

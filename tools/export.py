@@ -1,0 +1,68 @@
+# tools/export.py
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CHECK_IMAGES = 3
+
+
+def export(args):
+    from defectvad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from defectvad.errors import ExportError
+    from defectvad.export.onnx_export import (TOLERANCE, add_metadata, compare_with_torch, describe_report,
+                                              export_onnx, import_onnxruntime, within_tolerance)
+    from defectvad.inference.runs import TrainedRun
+
+    import_onnxruntime()
+    run = TrainedRun(args.run_dir, "cpu")
+    out = args.out or run.run_dir / "export" / "model.onnx"
+    # traced with 2 images, checked with 3 others: a graph that kept the trace's batch size fails the check
+    tmp = export_onnx(run.model, out, run.example_inputs(2, seed=0), run.name)
+    try:
+        report = compare_with_torch(tmp, run.model, run.example_inputs(CHECK_IMAGES, seed=1))
+        differences = describe_report(report)
+        if not within_tolerance(report):
+            raise ExportError(f"{run.name} cannot be exported to ONNX faithfully: onnxruntime and PyTorch differ "
+                              f"({differences}; allowed {TOLERANCE:g} relative); its inference holds Python control "
+                              f"flow or data-dependent shapes that tracing cannot record")
+        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if run.normalize else None
+        add_metadata(tmp, {"model": run.record["run"].get("model"), "backbone": run.record["run"].get("backbone"),
+                           "input_shape": run.image_shape, "input_range": "[0, 1] RGB, then normalised"
+                           if normalize else "[0, 1] RGB", "normalize": normalize, "thresholds": run.thresholds,
+                           "run_dir": str(run.run_dir)})
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    shape = "x".join(str(n) for n in run.image_shape)
+    kind = "ImageNet-normalised " if run.normalize else ""
+    print(f"wrote {out}: {kind}image (batch, {shape}) -> pred_score (batch,), anomaly_map (batch, 1, "
+          f"{run.image_shape[1]}, {run.image_shape[2]})")
+    print(f"onnxruntime vs PyTorch on {CHECK_IMAGES} images: {differences}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a finished run's model to one file that maps an image batch "
+                                                 "to pred_score and anomaly_map, checked against PyTorch")
+    parser.add_argument("run_dir", type=Path,
+                        help="the run's folder (metrics.json with status ok, config.yaml, weights/)")
+    parser.add_argument("--format", default="onnx", choices=("onnx",))
+    parser.add_argument("--out", type=Path, help="the file to write; default <run dir>/export/model.onnx")
+    args = parser.parse_args(argv)
+    try:
+        return export(args)
+    except Exception as error:
+        from defectvad.errors import find_user_error
+
+        user_error = find_user_error(error)
+        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
