@@ -1,0 +1,1 @@
+# src/defectvad/models/draem/__init__.py
