@@ -1,0 +1,1 @@
+# src/defectvad/models/reverse_distillation/__init__.py

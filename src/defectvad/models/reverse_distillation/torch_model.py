@@ -1,0 +1,54 @@
+# src/defectvad/models/reverse_distillation/torch_model.py
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from defectvad.backbones.feature_extractors import LAYERS, FeatureExtractor
+from defectvad.errors import ConfigError
+from defectvad.models.reverse_distillation.anomaly_map import AnomalyMapGenerator
+from defectvad.models.reverse_distillation.bottleneck import OCBE
+from defectvad.models.reverse_distillation.decoder import DecoderBasicBlock, DecoderBottleneck, ResNetDecoder
+
+# backbone: (bottleneck block, its depth, decoder block, decoder layer depths, decoder width per group);
+# the ResNets as anomalib, the EfficientNets with resnet18's layout are our own choice
+ARCHITECTURES = {
+    "resnet18": (BasicBlock, 2, DecoderBasicBlock, (2, 2, 2), 64),
+    "resnet34": (BasicBlock, 2, DecoderBasicBlock, (3, 4, 6), 64),
+    "resnet50": (Bottleneck, 3, DecoderBottleneck, (3, 4, 6), 64),
+    "wide_resnet50_2": (Bottleneck, 3, DecoderBottleneck, (3, 4, 6), 128),
+    "efficientnet_lite0": (BasicBlock, 2, DecoderBasicBlock, (2, 2, 2), 64),
+    "efficientnet_b5": (BasicBlock, 2, DecoderBasicBlock, (2, 2, 2), 64),
+}
+
+
+def check_layers(layers):
+    positions = [LAYERS.index(layer) if layer in LAYERS else -1 for layer in layers]
+    if len(positions) != 3 or -1 in positions or positions != list(range(positions[0], positions[0] + 3)):
+        raise ConfigError("Reverse Distillation needs three consecutive layers, e.g. [layer1, layer2, layer3]; "
+                          f"got {list(layers)}")
+
+
+class ReverseDistillationModel(nn.Module):
+    def __init__(self, backbone="wide_resnet50_2", layers=("layer1", "layer2", "layer3"), weights_path=None,
+                 anomaly_map_mode="add"):
+        super().__init__()
+        if backbone not in ARCHITECTURES:
+            raise ConfigError(f"Reverse Distillation has no decoder for backbone '{backbone}'; "
+                              f"choose one of: {', '.join(ARCHITECTURES)}")
+        check_layers(layers)
+        self.backbone = backbone
+        self.layers = list(layers)
+        block, blocks, decoder_block, decoder_layers, width = ARCHITECTURES[backbone]
+        self.encoder = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
+        channels = self.encoder.out_dims
+        self.bottleneck = OCBE(block, blocks, channels)
+        self.decoder = ResNetDecoder(decoder_block, decoder_layers, channels, width_per_group=width)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=4, mode=anomaly_map_mode)
+
+    def forward(self, images):
+        encoder_features = list(self.encoder(images).values())
+        decoder_features = self.decoder(self.bottleneck(encoder_features))
+        if self.training:
+            return encoder_features, decoder_features
+        anomaly_map = self.anomaly_map_generator(encoder_features, decoder_features, images.shape[-2:])
+        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
