@@ -1,0 +1,1 @@
+# src/defectvad/models/autoencoder/__init__.py
