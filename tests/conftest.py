@@ -2,6 +2,7 @@
 import socket
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +14,12 @@ def block_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # the test machine is shared: one thread avoids OpenMP spinning against other processes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,4 @@
 # tests/test_dfkde.py
-import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy.stats import gaussian_kde
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from defectvad.backbones.weights import resolve_weights
 from defectvad.components.gaussian_kde import GaussianKDE
@@ -19,41 +18,12 @@ from defectvad.metrics.auroc import auroc
 from defectvad.models.dfkde.torch_model import DfkdeModel
 from defectvad.models.dfkde.trainer import DfkdeTrainer
 
+from fakes import StripesDataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the test machine is shared: one thread avoids OpenMP spinning against other processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class StripesDataset(Dataset):
-    # normal images are noisy stripes with a random phase; anomalous ones carry a bright square
-    def __init__(self, count, anomalous_every=0, seed=0, size=64):
-        generator = torch.Generator().manual_seed(seed)
-        coords = torch.arange(size).float()
-        self.items = []
-        for index in range(count):
-            phase = torch.rand(1, generator=generator).item() * 2 * math.pi
-            stripes = torch.sin(coords / 3.0 + phase).reshape(1, 1, size).expand(3, size, size)
-            image = 0.5 * stripes + 0.1 * torch.randn(3, size, size, generator=generator)
-            mask = torch.zeros(1, size, size)
-            label = int(anomalous_every > 0 and index % anomalous_every == 0)
-            if label:
-                top, left = torch.randint(4, size - 20, (2,), generator=generator).tolist()
-                image[:, top:top + 16, left:left + 16] = 2.0
-                mask[:, top:top + 16, left:left + 16] = 1.0
-            self.items.append({"image": image, "label": label, "mask": mask, "image_path": f"img{index}.png"})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        return self.items[index]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_kde_matches_scipy_with_scotts_bandwidth():

@@ -7,16 +7,12 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from defectvad.metrics import (
-    aupro,
-    auroc,
-    average_precision,
-    compute_metrics,
-    f1_max,
-    f1_max_threshold,
-    label_regions,
-)
 from defectvad.metrics import sweep
+from defectvad.metrics.aupro import aupro, label_regions
+from defectvad.metrics.auroc import auroc
+from defectvad.metrics.average_precision import average_precision
+from defectvad.metrics.evaluation import compute_metrics
+from defectvad.metrics.f1_max import f1_max, f1_max_threshold
 
 
 def sklearn_f1_max(labels, scores):
