@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"latent_dim": 8, "depth": 3, "base_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one thread is several times faster than an oversubscribed pool
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_items(count, anomalous_every=0, seed=0, size=64):

@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"reconstructive_width": 8, "discriminative_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one thread is several times faster than an oversubscribed pool
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_items(count, anomalous_every=0, seed=0, size=64):

@@ -22,13 +22,7 @@ from defectvad.models.reverse_distillation.trainer import ReverseDistillationTra
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one thread is several times faster than an oversubscribed pool
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_items(count, anomalous_every=0, seed=0, size=64):

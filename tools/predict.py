@@ -91,13 +91,9 @@ def main(argv=None):
     try:
         return predict(args)
     except Exception as error:
-        from defectvad.errors import find_user_error
+        from defectvad.errors import report_user_error
 
-        user_error = find_user_error(error)
-        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 1
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 # src/defectvad/errors.py
+import os
+import sys
 
 
 class DefectVADError(Exception):
@@ -33,3 +35,12 @@ def find_user_error(error):
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def report_user_error(error):
+    # a user's mistake prints one line and gives exit code 1; anything else (or HYDRA_FULL_ERROR=1) is raised
+    user_error = find_user_error(error)
+    if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {user_error}", file=sys.stderr)
+    return 1
