@@ -1,9 +1,9 @@
 # src/defectvad/models/dfm/trainer.py
-from defectvad.engine.base_trainer import BaseTrainer
+from defectvad.engine.one_pass_trainer import OnePassTrainer
 from defectvad.models.dfm.torch_model import DFMModel
 
 
-class DfmTrainer(BaseTrainer):
+class DfmTrainer(OnePassTrainer):
     trainer_arguments = {"max_epochs": 1, "gradient_clip_val": 0}
 
     def __init__(self, backbone="resnet50", layer="layer3", weights_path=None, pooling_kernel_size=4,
@@ -11,13 +11,6 @@ class DfmTrainer(BaseTrainer):
         super().__init__()
         self.model = DFMModel(backbone=backbone, layer=layer, weights_path=weights_path,
                               pooling_kernel_size=pooling_kernel_size, n_comps=pca_level, score_type=score_type)
-
-    def training_step(self, batch, batch_idx):
-        self.model(batch["image"])
-        return None
-
-    def on_train_epoch_end(self):
-        self.model.fit()
 
     def summary(self):
         num_components = self.model.pca_model.num_components

@@ -2,13 +2,11 @@
 import time
 
 from defectvad.components.k_center_greedy import check_sampling_ratio
-from defectvad.engine.base_trainer import BaseTrainer
+from defectvad.engine.one_pass_trainer import OnePassTrainer
 from defectvad.models.patchcore.torch_model import PatchcoreModel
 
 
-class PatchcoreTrainer(BaseTrainer):
-    trainer_arguments = {"max_epochs": 1}
-
+class PatchcoreTrainer(OnePassTrainer):
     def __init__(self, backbone="wide_resnet50_2", layers=("layer2", "layer3"), weights_path=None,
                  coreset_sampling_ratio=0.1, num_neighbors=9):
         super().__init__()
@@ -16,10 +14,6 @@ class PatchcoreTrainer(BaseTrainer):
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.coreset_seconds = None
         self.model = PatchcoreModel(backbone=backbone, layers=layers, weights_path=weights_path, num_neighbors=num_neighbors)
-
-    def training_step(self, batch, batch_idx):
-        self.model(batch["image"])
-        return None
 
     def on_train_epoch_end(self):
         started = time.perf_counter()

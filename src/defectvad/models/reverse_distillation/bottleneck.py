@@ -3,6 +3,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from defectvad.components.initialization import init_resnet_style
+
 
 class OCBE(nn.Module):
     # one-class bottleneck embedding: the three encoder scales are brought to the coarsest one,
@@ -27,12 +29,7 @@ class OCBE(nn.Module):
         # unused by forward, as in anomalib: kept so that both state dicts hold the same tensors
         self.conv4 = conv1x1(4 * c3, out_channels, 1)
         self.bn4 = nn.BatchNorm2d(out_channels)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_resnet_style(self)
 
     def forward(self, features):
         first = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(features[0]))))))

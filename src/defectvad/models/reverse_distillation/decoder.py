@@ -2,6 +2,8 @@
 from torch import nn
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from defectvad.components.initialization import init_resnet_style
+
 
 def upsample2x(in_channels, out_channels, groups=1):
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, groups=groups, bias=False)
@@ -61,12 +63,7 @@ class ResNetDecoder(nn.Module):
         self.layer1 = self.make_layer(block, channels[2] // block.expansion, layers[0])
         self.layer2 = self.make_layer(block, channels[1] // block.expansion, layers[1])
         self.layer3 = self.make_layer(block, channels[0] // block.expansion, layers[2])
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_resnet_style(self)
 
     def make_layer(self, block, planes, blocks):
         out_channels = planes * block.expansion
