@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.autoencoder.anomaly_map import AnomalyMapGenerator, check_score_mode, compute_score
 
@@ -83,8 +84,8 @@ class AutoencoderModel(nn.Module):
         if self.training:
             return {"target": target, "reconstruction": reconstruction, **encoded}
         anomaly_map = self.anomaly_map_generator(target, reconstruction, images.shape[-2:])
-        return {"pred_score": compute_score(anomaly_map, self.score_mode, self.topk_ratio), "anomaly_map": anomaly_map,
-                "reconstruction": reconstruction}
+        return InferenceBatch(compute_score(anomaly_map, self.score_mode, self.topk_ratio), anomaly_map,
+                              {"reconstruction": reconstruction})
 
 
 class VaeModel(AutoencoderModel):

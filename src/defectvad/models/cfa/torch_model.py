@@ -6,6 +6,7 @@ from torch.nn import functional as F
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.kmeans import KMeans
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import TrainingError
 from defectvad.models.cfa.anomaly_map import AnomalyMapGenerator
 
@@ -78,7 +79,7 @@ class CfaModel(DynamicBufferMixin):
         score = torch.cat([self.anomaly_map_generator.compute_score(self.compute_distance(chunk), scale)
                            for chunk in target_features.split(step)])
         anomaly_map = self.anomaly_map_generator.compute_anomaly_map(score, image_size=images.shape[-2:])
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)
 
 
 class Descriptor(nn.Module):

@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.kde_classifier import KDEClassifier
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import TrainingError
 
 
@@ -33,7 +34,7 @@ class DfkdeModel(nn.Module):
         scores = self.classifier(features)
         # DFKDE scores whole images: the map is the image score everywhere (pixel metrics mean nothing)
         anomaly_map = scores.reshape(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:]).contiguous()
-        return {"pred_score": scores, "anomaly_map": anomaly_map}
+        return InferenceBatch(scores, anomaly_map)
 
     def fit(self):
         if not self.memory_bank:

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.pca import PCA
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError, TrainingError
 
 SCORE_TYPES = ("fre", "nll")
@@ -92,4 +93,4 @@ class DFMModel(nn.Module):
             anomaly_map = pred_score.reshape(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:]).contiguous()
         else:
             anomaly_map = F.interpolate(score_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return {"pred_score": pred_score, "anomaly_map": anomaly_map}
+        return InferenceBatch(pred_score, anomaly_map)

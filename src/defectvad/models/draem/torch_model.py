@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from defectvad.components.sspcab import SSPCAB
+from defectvad.engine.inference_batch import InferenceBatch
 
 
 def conv_block(in_channels, out_channels, middle_channels=None):
@@ -163,4 +164,4 @@ class DraemModel(nn.Module):
         if self.training:
             return reconstruction, prediction
         anomaly_map = torch.softmax(prediction, dim=1)[:, 1:]
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,7 +170,7 @@ class EfficientAdModel(nn.Module):
             return self.compute_losses(batch, batch_imagenet, distance_st)
         map_st, map_stae = self.compute_maps(batch, student_output, distance_st, normalize)
         anomaly_map = 0.5 * map_st + 0.5 * map_stae
-        return {"pred_score": torch.amax(anomaly_map, dim=(-3, -2, -1)), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-3, -2, -1)), anomaly_map)
 
     def normalize_teacher(self, teacher_output):
         if not self.mean_std.is_set():

@@ -5,6 +5,7 @@ from torch import nn
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.all_in_one_block import AllInOneBlock
 from defectvad.components.sequence_inn import SequenceINN
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.fastflow.anomaly_map import AnomalyMapGenerator
 
@@ -72,4 +73,4 @@ class FastflowModel(nn.Module):
         if self.training:
             return hidden_variables, log_jacobians
         anomaly_map = self.anomaly_map_generator(hidden_variables)
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)

@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.multi_variate_gaussian import MultiVariateGaussian
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.padim.anomaly_map import AnomalyMapGenerator
 
@@ -39,7 +40,7 @@ class PadimModel(nn.Module):
         anomaly_map = self.anomaly_map_generator(
             embeddings, self.gaussian.mean, self.gaussian.inv_covariance, image_size=images.shape[-2:]
         )
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)
 
     def generate_embedding(self, features):
         embeddings = features[self.layers[0]]

@@ -7,6 +7,7 @@ from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.k_center_greedy import KCenterGreedy
 from defectvad.components.nearest_neighbors import euclidean_dist, nearest_neighbors, squared_norms
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError, TrainingError
 from defectvad.models.patchcore.anomaly_map import AnomalyMapGenerator
 
@@ -44,7 +45,7 @@ class PatchcoreModel(DynamicBufferMixin):
         locations = locations.reshape(batch, -1)
         pred_score = self.compute_anomaly_score(patch_scores, locations, embedding, bank_sq)
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch, 1, height, width), images.shape[-2:])
-        return {"pred_score": pred_score, "anomaly_map": anomaly_map}
+        return InferenceBatch(pred_score, anomaly_map)
 
     def generate_embedding(self, features):
         embeddings = features[self.layers[0]]

@@ -4,6 +4,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from defectvad.backbones.feature_extractors import LAYERS, FeatureExtractor
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.reverse_distillation.anomaly_map import AnomalyMapGenerator
 from defectvad.models.reverse_distillation.bottleneck import OCBE
@@ -51,4 +52,4 @@ class ReverseDistillationModel(nn.Module):
         if self.training:
             return encoder_features, decoder_features
         anomaly_map = self.anomaly_map_generator(encoder_features, decoder_features, images.shape[-2:])
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.models.stfpm.anomaly_map import AnomalyMapGenerator
 
 
@@ -22,4 +23,4 @@ class StfpmModel(nn.Module):
         if self.training:
             return teacher_features, student_features
         anomaly_map = self.anomaly_map_generator(teacher_features, student_features, images.shape[-2:])
-        return {"pred_score": torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), "anomaly_map": anomaly_map}
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)
