@@ -2,6 +2,7 @@
 import hashlib
 import importlib.util
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-from defectvad.backbones import manifest
+from defectvad.backbones import registry
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
-from defectvad.backbones.feature_extractors import FeatureExtractor, available_layers
+from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.backbones.weights import load_state_dict, resolve_weights, verify_weights
 from defectvad.errors import BackboneError
 
@@ -26,27 +27,26 @@ def resnet18_state():
 
 
 def add_entry(monkeypatch, file, backbone, sha256_prefix=None, check=None):
-    entry = {"backbone": backbone, "source": "test", "sha256": None, "sha256_prefix": sha256_prefix, "url": "https://example.invalid/" + file}
-    if check:
-        entry["check"] = check
-    monkeypatch.setitem(manifest.WEIGHT_FILES, file, entry)
+    entry = registry.weight_file(file, "test", "https://example.invalid/" + file, sha256_prefix=sha256_prefix, check=check)
+    spec = registry.get_backbone(backbone)
+    monkeypatch.setattr(spec, "files", [known for known in spec.files if known["file"] != file] + [entry])
 
 
-def test_manifest_defaults_and_torchvision_prefixes():
-    assert manifest.files_for("resnet50")[0] == "resnet50-0676ba61.pth"
-    assert manifest.files_for("wide_resnet50_2") == [
+def test_registry_defaults_and_torchvision_prefixes():
+    assert registry.files_for("resnet50")[0] == "resnet50-0676ba61.pth"
+    assert registry.files_for("wide_resnet50_2") == [
         "wide_resnet50_2-95faca4d.pth",
         "wide_resnet50_2-9ba9bcbe.pth",
         "wide_resnet50_2.tv_in1k/model.safetensors",
     ]
-    assert "wide_resnet50_2-32ee1156.pth" not in manifest.WEIGHT_FILES
-    for file, entry in manifest.WEIGHT_FILES.items():
-        if file.endswith(".pth"):
+    files = {entry["file"]: entry for _, entry in registry.all_files()}
+    assert "wide_resnet50_2-32ee1156.pth" not in files
+    for file, entry in files.items():
+        if re.search(r"-[0-9a-f]{8}\.pth$", file):
             assert file.rsplit("-", 1)[1] == entry["sha256_prefix"] + ".pth"
             assert (entry["sha256"] or entry["sha256_prefix"]).startswith(entry["sha256_prefix"])
-    assert set(manifest.backbone_names()) == {
-        "resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_b5", "efficientnet_lite0"
-    }
+    cnns = [name for name, spec in registry.BACKBONES.items() if spec.family == "cnn"]
+    assert cnns == ["resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_b5", "efficientnet_lite0"]
 
 
 def test_unknown_backbone_lists_valid_names(tmp_path):
@@ -167,7 +167,7 @@ def test_feature_shapes_channels_strides(backbone):
     assert extractor.strides == {"layer3": 16, "layer1": 4, "layer2": 8}
     for layer, feature in features.items():
         assert feature.shape == (1, extractor.channels[layer], 64 // extractor.strides[layer], 64 // extractor.strides[layer])
-    assert available_layers(backbone) == ["layer1", "layer2", "layer3", "layer4"]
+    assert registry.get_backbone(backbone).stages == ["layer1", "layer2", "layer3", "layer4"]
     with pytest.raises(BackboneError, match="unknown layer.*layer5.*layer1, layer2, layer3, layer4"):
         FeatureExtractor(backbone, ["layer5"])
 

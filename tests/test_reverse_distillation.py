@@ -179,7 +179,7 @@ def test_checkpoint_round_trip_gives_same_predictions(fitted, tmp_path):
 def test_bad_backbone_and_layers_are_config_errors():
     with pytest.raises(ConfigError, match="choose one of: resnet18, resnet34, resnet50, wide_resnet50_2"):
         ReverseDistillationModel(backbone="vgg16")
-    with pytest.raises(ConfigError, match="three consecutive layers"):
+    with pytest.raises(ConfigError, match="three consecutive stages"):
         ReverseDistillationModel(backbone="resnet18", layers=["layer1", "layer3", "layer4"])
 
 

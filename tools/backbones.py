@@ -3,13 +3,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from defectvad.backbones.manifest import WEIGHT_FILES, backbone_names, files_for  # noqa: E402
+from defectvad.atomic_files import atomic_write  # noqa: E402
+from defectvad.backbones.registry import BACKBONES, all_files, files_for  # noqa: E402
 from defectvad.backbones.weights import backbone_folder, packaged_file, verify_weights  # noqa: E402
 from defectvad.errors import BackboneError  # noqa: E402
 
@@ -37,32 +37,34 @@ def check(path, file=None):
 def list_files(folder):
     print(f"backbone folder: {folder}")
     failed = missing = 0
-    for file, entry in WEIGHT_FILES.items():
+    for name, entry in all_files():
+        file = entry["file"]
         path, where = locate(folder, file, entry)
         verdict = check(path) if path is not None else ""
         failed += verdict.startswith("BAD")
         missing += path is None
-        print(f"{entry['backbone']:<20} {file:<44} {where:<15} {verdict}")
+        print(f"{name:<20} {file:<44} {where:<15} {verdict}")
     if missing:
         print(f"{missing} file(s) missing; on a machine that is online: python tools/backbones.py --download [names]")
     return 1 if failed else 0
 
 
 def download(folder, names):
-    unknown = [name for name in names if name not in backbone_names() and name not in WEIGHT_FILES]
+    files = {entry["file"]: entry for _, entry in all_files()}
+    unknown = [name for name in names if name not in BACKBONES and name not in files]
     if unknown:
-        print(f"unknown backbone(s) {unknown}; choose among: {', '.join(backbone_names())}", file=sys.stderr)
+        print(f"unknown backbone(s) {unknown}; choose among: {', '.join(BACKBONES)}", file=sys.stderr)
         return 1
     failed = False
     # a backbone name fetches its default file, a file name that file, nothing at all every file
-    wanted = [files_for(name)[0] if name in backbone_names() else name for name in names] or list(WEIGHT_FILES)
+    wanted = [files_for(name)[0] if name in BACKBONES else name for name in names] or list(files)
     for file in dict.fromkeys(wanted):
-        entry = WEIGHT_FILES[file]
+        entry = files[file]
         target = folder / file
         if target.is_file():
             print(f"{file}: already present, {check(target)}")
             continue
-        if entry.get("package"):
+        if entry["package"]:
             failed = copy_from_package(file, entry, target) or failed
             continue
         failed = fetch(file, entry, target) or failed
@@ -88,28 +90,28 @@ def fetch(file, entry, target):
     return store(target, file, write)
 
 
+class RejectedFile(Exception):
+    pass
+
+
 def store(target, file, write):
-    # written to a temporary name in the same folder, verified, then renamed into place
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=target.suffix)
-    os.close(handle)
-    temp = Path(temp)
+    # verified under a temporary name before it takes the target's
     try:
-        with open(temp, "wb") as out:
-            write(out)
-        verdict = check(temp, file)
-        if verdict != "OK":
-            print(f"{file}: {verdict}")
-            return True
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
+        with atomic_write(target) as temp:
+            with open(temp, "wb") as out:
+                write(out)
+            verdict = check(temp, file)
+            if verdict != "OK":
+                raise RejectedFile(verdict)
         print(f"{file}: OK")
         return False
+    except RejectedFile as verdict:
+        print(f"{file}: {verdict}")
+        return True
     except OSError as error:
         print(f"{file}: failed ({error})")
         return True
     finally:
-        temp.unlink(missing_ok=True)
         if target.parent.is_dir() and not any(target.parent.iterdir()):
             target.parent.rmdir()
 

@@ -1,48 +1,14 @@
 # src/defectvad/backbones/feature_extractors.py
 import torch
-import torchvision
 from torch import nn
 
-from defectvad.backbones.efficientnet_lite import EfficientNetLite0
-from defectvad.backbones.manifest import files_for
+from defectvad.backbones.registry import find_entry, get_backbone
 from defectvad.backbones.weights import load_state_dict
 from defectvad.errors import BackboneError
 
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
-STRIDES = (4, 8, 16, 32)
-RESNET_STEPS = ["conv1", "bn1", "relu", "maxpool", *LAYERS]
-
-# backbone: (channels per layer, module path each layer is read after)
-BACKBONES = {
-    "resnet18": ((64, 128, 256, 512), LAYERS),
-    "resnet34": ((64, 128, 256, 512), LAYERS),
-    "resnet50": ((256, 512, 1024, 2048), LAYERS),
-    "wide_resnet50_2": ((256, 512, 1024, 2048), LAYERS),
-    "efficientnet_b5": ((40, 64, 176, 512), ("features.2", "features.3", "features.5", "features.7")),
-    "efficientnet_lite0": ((24, 40, 112, 320), ("_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15")),
-}
-
-
-def available_layers(backbone):
-    check_backbone(backbone)
-    return list(LAYERS)
-
-
-def check_backbone(backbone):
-    if backbone not in BACKBONES:
-        raise BackboneError(f"unknown backbone '{backbone}'; choose one of: {', '.join(BACKBONES)}")
-
-
-def build_network(backbone):
-    # the full classifier and the module paths its forward runs through, in order
-    if backbone == "efficientnet_lite0":
-        return EfficientNetLite0(), ["_conv_stem", "_bn0", "_act"] + [f"_blocks.{i}" for i in range(16)]
-    if backbone == "efficientnet_b5":
-        return torchvision.models.efficientnet_b5(weights=None), [f"features.{i}" for i in range(8)]
-    return getattr(torchvision.models, backbone)(weights=None), list(RESNET_STEPS)
-
 
 def prune(module, keep, prefix=""):
+    # drop every child that is not a kept module path nor holds one
     for name, child in list(module.named_children()):
         path = prefix + name
         if path in keep:
@@ -53,33 +19,42 @@ def prune(module, keep, prefix=""):
             delattr(module, name)
 
 
+def containing_step(steps, path):
+    matches = [step for step in steps if path == step or path.startswith(step + ".")]
+    return max(matches, key=len) if matches else None
+
+
 class FeatureExtractor(nn.Module):
+    # reads named layers of a backbone: ResNet stages (layer1..layer4), ViT blocks (blocks.N) or any module path
+    # of a CNN (layer3.1, _blocks.7, ...); the EfficientNets also answer to layer1..layer4
     def __init__(self, backbone, layers, weights_path=None, requires_grad=False):
         super().__init__()
-        check_backbone(backbone)
+        spec = get_backbone(backbone)
         layers = list(layers)
-        unknown = [layer for layer in layers if layer not in LAYERS]
-        if not layers:
-            raise BackboneError(f"no layers given for backbone {backbone}; choose among: {', '.join(LAYERS)}")
-        if unknown:
-            raise BackboneError(
-                f"unknown layer(s) {unknown} for backbone {backbone}; choose among: {', '.join(LAYERS)}"
-            )
         self.backbone = backbone
+        self.family = spec.family
         self.layers = layers
         self.requires_grad = requires_grad
-        channels, taps = BACKBONES[backbone]
-        self.taps = {layer: taps[LAYERS.index(layer)] for layer in layers}
-        self.channels = {layer: channels[LAYERS.index(layer)] for layer in layers}
-        self.strides = {layer: STRIDES[LAYERS.index(layer)] for layer in layers}
-        self.out_dims = [self.channels[layer] for layer in layers]
+        network = spec.build()
+        if spec.tower:
+            network = getattr(network, spec.tower)
+        self.paths = {layer: spec.module_path(layer) for layer in layers}
+        self.check_layers(spec, network)
 
-        # like timm's features_only model: everything after the last requested layer is dropped,
-        # and the kept modules keep their original names
-        network, steps = build_network(backbone)
-        self.steps = steps[: max(steps.index(tap) for tap in self.taps.values()) + 1]
-        prune(network, set(self.steps))
-        self.feature_extractor = nn.ModuleDict(dict(network.named_children()))
+        if spec.family == "cnn":
+            # like timm's features_only model: everything after the last requested layer is dropped,
+            # and the kept modules keep their original names
+            steps = [containing_step(spec.steps, path) for path in self.paths.values()]
+            last = max(spec.steps.index(step) for step in steps)
+            self.steps = list(dict.fromkeys(spec.steps[: last + 1]))
+            prune(network, set(self.steps))
+            self.feature_extractor = nn.ModuleDict(dict(network.named_children()))
+            self.nested = {path for path in self.paths.values() if path not in self.steps}
+        else:
+            network.truncate(list(self.paths.values()))
+            self.feature_extractor = network
+        self.channels, self.strides = self.describe_layers(spec)
+        self.out_dims = [self.channels[layer] for layer in layers]
 
         if weights_path is not None:
             self.load_weights(weights_path)
@@ -87,8 +62,43 @@ class FeatureExtractor(nn.Module):
             for parameter in self.feature_extractor.parameters():
                 parameter.requires_grad_(False)
 
+    def check_layers(self, spec, network):
+        valid = list(spec.layers) + [alias for alias in spec.aliases if alias not in spec.layers]
+        if spec.family == "cnn":
+            names = dict(network.named_modules())
+            unknown = [layer for layer, path in self.paths.items()
+                       if path not in names or containing_step(spec.steps, path) is None]
+            hint = " or any module path inside them (e.g. layer3.1)"
+        else:
+            unknown = [layer for layer in self.layers if layer not in spec.layers]
+            hint = ""
+        if not self.layers or unknown:
+            what = f"unknown layer(s) {unknown}" if unknown else "no layers given"
+            raise BackboneError(f"{what} for backbone {spec.name}; choose among: {', '.join(valid)}{hint}")
+
+    def describe_layers(self, spec):
+        # channels and stride of each layer: from the registry, or measured once on a small input
+        known = {layer: spec.layers.get(layer) or spec.layers.get(self.paths[layer]) for layer in self.layers}
+        if all(known.values()):
+            return ({layer: value[0] for layer, value in known.items()},
+                    {layer: value[1] for layer, value in known.items()})
+        size = 64
+        with torch.no_grad():
+            was_training = self.feature_extractor.training
+            features = self.eval().extract(torch.zeros(1, 3, size, size))
+            self.feature_extractor.train(was_training)
+        return ({layer: feature.shape[1] for layer, feature in features.items()},
+                {layer: size // feature.shape[-1] for layer, feature in features.items()})
+
     def load_weights(self, path):
         state = load_state_dict(path)
+        spec = get_backbone(self.backbone)
+        _, entry = find_entry(path)
+        if entry is not None and entry["convert"] is not None:
+            state = entry["convert"](state)
+        if spec.tower:
+            prefix = spec.tower + "."
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         own = self.feature_extractor.state_dict()
         # old files lack the BatchNorm counters; those keep their fresh value
         bad = [
@@ -98,9 +108,10 @@ class FeatureExtractor(nn.Module):
             or (key in state and state[key].shape != value.shape)
         ]
         if bad:
+            files = ", ".join(entry["file"] for entry in spec.files)
             raise BackboneError(
                 f"{path} does not fit backbone {self.backbone} ({len(bad)} tensors missing or of another shape, "
-                f"first: {bad[0]}); use one of: {', '.join(files_for(self.backbone))}"
+                f"first: {bad[0]}); use one of: {files}"
             )
         self.feature_extractor.load_state_dict({key: state.get(key, own[key]) for key in own}, strict=True)
 
@@ -113,10 +124,20 @@ class FeatureExtractor(nn.Module):
             return self.extract(x)
 
     def extract(self, x):
-        wanted = {tap: layer for layer, tap in self.taps.items()}
+        if self.family != "cnn":
+            found = self.feature_extractor.forward_layers(x, list(dict.fromkeys(self.paths.values())))
+            return {layer: found[path] for layer, path in self.paths.items()}
         found = {}
-        for step in self.steps:
-            x = self.feature_extractor.get_submodule(step)(x)
-            if step in wanted:
-                found[wanted[step]] = x
-        return {layer: found[layer] for layer in self.layers}
+        hooks = [
+            self.feature_extractor.get_submodule(path).register_forward_hook(
+                lambda module, args, output, path=path: found.__setitem__(path, output))
+            for path in self.nested
+        ]
+        try:
+            for step in self.steps:
+                x = self.feature_extractor.get_submodule(step)(x)
+                found[step] = x
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {layer: found[path] for layer, path in self.paths.items()}

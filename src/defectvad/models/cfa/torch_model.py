@@ -4,13 +4,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.kmeans import KMeans
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import TrainingError
 from defectvad.models.cfa.anomaly_map import AnomalyMapGenerator
 
-LAYERS = ("layer1", "layer2", "layer3")
 # elements of the (images x patches x centres) distance block scored at once in evaluation (512 MB)
 EVAL_BLOCK_ELEMENTS = 2**27
 
@@ -26,7 +26,8 @@ class CfaModel(DynamicBufferMixin):
         self.num_hard_negative_features = num_hard_negative_features
         # (descriptor channels, patches) once fitted; a scalar until then
         self.register_buffer("memory_bank", torch.tensor(0.0))
-        extractor = FeatureExtractor(backbone, LAYERS, weights_path=weights_path)
+        # the backbone's first three stages (layer1..layer3 on ResNets), as anomalib
+        extractor = FeatureExtractor(backbone, resolve_layers(backbone, None, (0, 1, 2)), weights_path=weights_path)
         # anomalib holds torchvision's feature graph itself: its modules sit right under feature_extractor.
         # The wrapper that runs it stays outside the module tree so it adds no state-dict names.
         self.feature_extractor = extractor.feature_extractor

@@ -4,16 +4,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.kde_classifier import KDEClassifier
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import TrainingError
 
 
 class DfkdeModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=("layer4",), weights_path=None, n_pca_components=16,
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None, n_pca_components=16,
                  feature_scaling_method="scale", max_training_points=40000):
         super().__init__()
-        self.layers = list(layers)
+        self.layers = resolve_layers(backbone, layers, (3,))
         self.feature_extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
         self.classifier = KDEClassifier(n_pca_components=n_pca_components,
                                         feature_scaling_method=feature_scaling_method,

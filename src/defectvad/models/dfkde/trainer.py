@@ -6,7 +6,7 @@ from defectvad.models.dfkde.torch_model import DfkdeModel
 class DfkdeTrainer(OnePassTrainer):
     trainer_arguments = {"max_epochs": 1, "gradient_clip_val": 0}
 
-    def __init__(self, backbone="resnet18", layers=("layer4",), weights_path=None, n_pca_components=16,
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None, n_pca_components=16,
                  feature_scaling_method="scale", max_training_points=40000):
         super().__init__()
         self.model = DfkdeModel(backbone=backbone, layers=layers, weights_path=weights_path,

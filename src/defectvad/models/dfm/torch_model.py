@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.pca import PCA
 from defectvad.engine.inference_batch import InferenceBatch
@@ -39,19 +40,19 @@ class SingleClassGaussian(DynamicBufferMixin):
 
 
 class DFMModel(nn.Module):
-    def __init__(self, backbone="resnet50", layer="layer3", weights_path=None, pooling_kernel_size=4,
+    def __init__(self, backbone="resnet50", layer=None, weights_path=None, pooling_kernel_size=4,
                  n_comps=0.97, score_type="fre"):
         super().__init__()
         if score_type not in SCORE_TYPES:
             raise ConfigError(f"model.score_type must be one of {', '.join(SCORE_TYPES)}, got {score_type!r}")
         self.backbone = backbone
-        self.layer = layer
+        self.layer = resolve_layers(backbone, [layer] if layer else None, (2,))[0]
         self.pooling_kernel_size = pooling_kernel_size
         self.n_components = n_comps
         self.score_type = score_type
         self.pca_model = PCA(n_components=n_comps)
         self.gaussian_model = SingleClassGaussian()
-        self.feature_extractor = FeatureExtractor(backbone, [layer], weights_path=weights_path).eval()
+        self.feature_extractor = FeatureExtractor(backbone, [self.layer], weights_path=weights_path).eval()
         self.memory_bank = []
 
     def fit(self):

@@ -6,7 +6,7 @@ from defectvad.models.dfm.torch_model import DFMModel
 class DfmTrainer(OnePassTrainer):
     trainer_arguments = {"max_epochs": 1, "gradient_clip_val": 0}
 
-    def __init__(self, backbone="resnet50", layer="layer3", weights_path=None, pooling_kernel_size=4,
+    def __init__(self, backbone="resnet50", layer=None, weights_path=None, pooling_kernel_size=4,
                  pca_level=0.97, score_type="fre"):
         super().__init__()
         self.model = DFMModel(backbone=backbone, layer=layer, weights_path=weights_path,

@@ -3,14 +3,12 @@ import torch
 from torch import nn
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.all_in_one_block import AllInOneBlock
 from defectvad.components.sequence_inn import SequenceINN
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.fastflow.anomaly_map import AnomalyMapGenerator
-
-# anomalib reads CNN backbones at their first three stages (timm out_indices 1, 2, 3)
-LAYERS = ("layer1", "layer2", "layer3")
 
 
 def subnet_conv_func(kernel_size, hidden_ratio):
@@ -39,7 +37,9 @@ class FastflowModel(nn.Module):
                  conv3x3_only=False, hidden_ratio=1.0):
         super().__init__()
         self.input_size = tuple(input_size)
-        extractor = FeatureExtractor(backbone, LAYERS, weights_path=weights_path)
+        # anomalib reads CNN backbones at their first three stages (timm out_indices 1, 2, 3)
+        self.layers = resolve_layers(backbone, None, (0, 1, 2))
+        extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path)
         # anomalib holds timm's features_only network itself: its modules sit right under feature_extractor.
         # The wrapper that runs it stays outside the module tree so it adds no state-dict names.
         self.feature_extractor = extractor.feature_extractor
@@ -47,7 +47,7 @@ class FastflowModel(nn.Module):
 
         self.norms = nn.ModuleList()
         self.fast_flow_blocks = nn.ModuleList()
-        for layer in LAYERS:
+        for layer in self.layers:
             stride = extractor.strides[layer]
             dims = [extractor.channels[layer], int(self.input_size[0] / stride), int(self.input_size[1] / stride)]
             self.norms.append(nn.LayerNorm(dims, elementwise_affine=True))
@@ -57,12 +57,12 @@ class FastflowModel(nn.Module):
     def get_cnn_features(self, images):
         features = self.extractor(images)
         expected = tuple(self.norms[0].normalized_shape[-2:])
-        if tuple(features[LAYERS[0]].shape[-2:]) != expected:
+        if tuple(features[self.layers[0]].shape[-2:]) != expected:
             raise ConfigError(
                 f"FastFlow was built for {list(self.input_size)} inputs but got {list(images.shape[-2:])}; "
                 "set model.input_size to the transform's output size (a multiple of 32)"
             )
-        return [norm(features[layer]) for norm, layer in zip(self.norms, LAYERS)]
+        return [norm(features[layer]) for norm, layer in zip(self.norms, self.layers)]
 
     def forward(self, images):
         hidden_variables, log_jacobians = [], []

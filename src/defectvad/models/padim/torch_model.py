@@ -4,26 +4,31 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.multi_variate_gaussian import MultiVariateGaussian
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.padim.anomaly_map import AnomalyMapGenerator
 
-# the paper's reduced dimensions; efficientnet_lite0 (176 channels in layer1-3) is our own choice
-N_FEATURES_DEFAULTS = {"resnet18": 100, "wide_resnet50_2": 550, "efficientnet_lite0": 100}
+# the paper's reduced dimensions (anomalib's defaults for resnet18 and wide_resnet50_2)
+N_FEATURES_DEFAULTS = {"resnet18": 100, "wide_resnet50_2": 550}
+# other backbones: the paper's count for the same embedding width (resnet18's 448, wide_resnet50_2's 1792),
+# else every channel up to 550 (our choice)
+N_FEATURES_BY_WIDTH = {448: 100, 1792: 550}
+
+
+def default_n_features(backbone, width):
+    return N_FEATURES_DEFAULTS.get(backbone) or N_FEATURES_BY_WIDTH.get(width) or min(width, 550)
 
 
 class PadimModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=("layer1", "layer2", "layer3"), weights_path=None, n_features=None):
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None, n_features=None):
         super().__init__()
         self.backbone = backbone
-        self.layers = list(layers)
+        self.layers = resolve_layers(backbone, layers, (0, 1, 2))
         self.feature_extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
         self.n_features_original = sum(self.feature_extractor.out_dims)
-        self.n_features = n_features or N_FEATURES_DEFAULTS.get(backbone)
-        if self.n_features is None:
-            known = ", ".join(sorted(N_FEATURES_DEFAULTS))
-            raise ConfigError(f"PaDiM needs model.n_features for backbone {backbone} (defaults exist for: {known})")
+        self.n_features = n_features or default_n_features(backbone, self.n_features_original)
         if not 0 < self.n_features <= self.n_features_original:
             raise ConfigError(f"model.n_features must be in 1..{self.n_features_original} for backbone {backbone}, got {self.n_features}")
         self.register_buffer("idx", torch.randperm(self.n_features_original)[: self.n_features])

@@ -4,6 +4,6 @@ from defectvad.models.padim.torch_model import PadimModel
 
 
 class PadimTrainer(OnePassTrainer):
-    def __init__(self, backbone="resnet18", layers=("layer1", "layer2", "layer3"), weights_path=None, n_features=None):
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None, n_features=None):
         super().__init__()
         self.model = PadimModel(backbone=backbone, layers=layers, weights_path=weights_path, n_features=n_features)

@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.k_center_greedy import KCenterGreedy
 from defectvad.components.nearest_neighbors import euclidean_dist, nearest_neighbors, squared_norms
@@ -13,12 +14,12 @@ from defectvad.models.patchcore.anomaly_map import AnomalyMapGenerator
 
 
 class PatchcoreModel(DynamicBufferMixin):
-    def __init__(self, backbone="wide_resnet50_2", layers=("layer2", "layer3"), weights_path=None, num_neighbors=9):
+    def __init__(self, backbone="wide_resnet50_2", layers=None, weights_path=None, num_neighbors=9):
         super().__init__()
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 1:
             raise ConfigError(f"model.num_neighbors must be a positive integer, got {num_neighbors!r}")
         self.backbone = backbone
-        self.layers = list(layers)
+        self.layers = resolve_layers(backbone, layers, (1, 2))
         self.num_neighbors = num_neighbors
         self.feature_extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
         self.feature_pooler = nn.AvgPool2d(3, 1, 1)

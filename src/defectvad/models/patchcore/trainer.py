@@ -7,7 +7,7 @@ from defectvad.models.patchcore.torch_model import PatchcoreModel
 
 
 class PatchcoreTrainer(OnePassTrainer):
-    def __init__(self, backbone="wide_resnet50_2", layers=("layer2", "layer3"), weights_path=None,
+    def __init__(self, backbone="wide_resnet50_2", layers=None, weights_path=None,
                  coreset_sampling_ratio=0.1, num_neighbors=9):
         super().__init__()
         check_sampling_ratio(coreset_sampling_ratio)

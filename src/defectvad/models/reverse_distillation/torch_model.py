@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from defectvad.backbones.feature_extractors import LAYERS, FeatureExtractor
+from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import get_backbone, resolve_layers
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
 from defectvad.models.reverse_distillation.anomaly_map import AnomalyMapGenerator
@@ -22,23 +23,25 @@ ARCHITECTURES = {
 }
 
 
-def check_layers(layers):
-    positions = [LAYERS.index(layer) if layer in LAYERS else -1 for layer in layers]
+def check_layers(backbone, layers):
+    stages = get_backbone(backbone).stages
+    positions = [stages.index(layer) if layer in stages else -1 for layer in layers]
     if len(positions) != 3 or -1 in positions or positions != list(range(positions[0], positions[0] + 3)):
-        raise ConfigError("Reverse Distillation needs three consecutive layers, e.g. [layer1, layer2, layer3]; "
-                          f"got {list(layers)}")
+        raise ConfigError("Reverse Distillation needs three consecutive stages of the backbone "
+                          f"({', '.join(stages)}); got {list(layers)}")
 
 
 class ReverseDistillationModel(nn.Module):
-    def __init__(self, backbone="wide_resnet50_2", layers=("layer1", "layer2", "layer3"), weights_path=None,
+    def __init__(self, backbone="wide_resnet50_2", layers=None, weights_path=None,
                  anomaly_map_mode="add"):
         super().__init__()
         if backbone not in ARCHITECTURES:
             raise ConfigError(f"Reverse Distillation has no decoder for backbone '{backbone}'; "
                               f"choose one of: {', '.join(ARCHITECTURES)}")
-        check_layers(layers)
+        layers = resolve_layers(backbone, layers, (0, 1, 2))
+        check_layers(backbone, layers)
         self.backbone = backbone
-        self.layers = list(layers)
+        self.layers = layers
         block, blocks, decoder_block, decoder_layers, width = ARCHITECTURES[backbone]
         self.encoder = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
         channels = self.encoder.out_dims

@@ -11,7 +11,7 @@ class ReverseDistillationTrainer(BaseTrainer):
     # 200 as the paper and anomalib's former config
     trainer_arguments = {"max_epochs": 200, "gradient_clip_val": 0}
 
-    def __init__(self, backbone="wide_resnet50_2", layers=("layer1", "layer2", "layer3"), weights_path=None,
+    def __init__(self, backbone="wide_resnet50_2", layers=None, weights_path=None,
                  anomaly_map_mode="add", lr=0.005, betas=(0.5, 0.99)):
         super().__init__()
         self.model = ReverseDistillationModel(backbone=backbone, layers=layers, weights_path=weights_path,

@@ -3,15 +3,16 @@ import torch
 from torch import nn
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import resolve_layers
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.models.stfpm.anomaly_map import AnomalyMapGenerator
 
 
 class StfpmModel(nn.Module):
-    def __init__(self, backbone="resnet18", layers=("layer1", "layer2", "layer3"), weights_path=None):
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None):
         super().__init__()
         self.backbone = backbone
-        self.layers = list(layers)
+        self.layers = resolve_layers(backbone, layers, (0, 1, 2))
         # the teacher is frozen and always runs with its own BatchNorm statistics
         self.teacher_model = FeatureExtractor(backbone, self.layers, weights_path=weights_path).eval()
         self.student_model = FeatureExtractor(backbone, self.layers, weights_path=None, requires_grad=True)

@@ -13,7 +13,7 @@ class StfpmTrainer(BaseTrainer):
     # anomalib sets no epoch count for STFPM (Lightning would run 1000); 100 as in anomalib's former stfpm config
     trainer_arguments = {"max_epochs": 100, "gradient_clip_val": 0}
 
-    def __init__(self, backbone="resnet18", layers=("layer1", "layer2", "layer3"), weights_path=None,
+    def __init__(self, backbone="resnet18", layers=None, weights_path=None,
                  lr=0.4, momentum=0.9, weight_decay=0.001, recalibrate_batchnorm=True):
         super().__init__()
         self.model = StfpmModel(backbone=backbone, layers=layers, weights_path=weights_path)

