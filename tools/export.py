@@ -1,6 +1,5 @@
 # tools/export.py
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ CHECK_IMAGES = 3
 
 
 def export(args):
+    from defectvad.atomic_files import atomic_write
     from defectvad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from defectvad.errors import ExportError
     from defectvad.export.onnx_export import (TOLERANCE, add_metadata, compare_with_torch, describe_report,
@@ -20,8 +20,8 @@ def export(args):
     run = TrainedRun(args.run_dir, "cpu")
     out = args.out or run.run_dir / "export" / "model.onnx"
     # traced with 2 images, checked with 3 others: a graph that kept the trace's batch size fails the check
-    tmp = export_onnx(run.model, out, run.example_inputs(2, seed=0), run.name)
-    try:
+    with atomic_write(out) as tmp:
+        export_onnx(run.model, tmp, run.example_inputs(2, seed=0), run.name)
         report = compare_with_torch(tmp, run.model, run.example_inputs(CHECK_IMAGES, seed=1))
         differences = describe_report(report)
         if not within_tolerance(report):
@@ -33,9 +33,6 @@ def export(args):
                            "input_shape": run.image_shape, "input_range": "[0, 1] RGB, then normalised"
                            if normalize else "[0, 1] RGB", "normalize": normalize, "thresholds": run.thresholds,
                            "run_dir": str(run.run_dir)})
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     shape = "x".join(str(n) for n in run.image_shape)
     kind = "ImageNet-normalised " if run.normalize else ""
     print(f"wrote {out}: {kind}image (batch, {shape}) -> pred_score (batch,), anomaly_map (batch, 1, "

@@ -32,11 +32,11 @@ def name_pictures(paths):
 
 
 def predict(args):
+    from defectvad.atomic_files import write_text_atomic
     from defectvad.engine.devices import set_threads
     from defectvad.inference.predictions import find_images, predict_files
     from defectvad.inference.runs import TrainedRun
     from defectvad.metrics.thresholds import select_threshold
-    from defectvad.records import write_text_atomic
     from defectvad.visualization.panels import describe, draw_panel
     from defectvad.visualization.run_images import save_png
 

@@ -1,21 +1,18 @@
 # src/defectvad/engine/checkpoints.py
-import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from defectvad.atomic_files import atomic_write
 from defectvad.errors import DefectVADError
 
 
 def save_weights(module, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(path)
 
 
 def load_weights(module, path):

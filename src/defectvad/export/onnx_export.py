@@ -1,8 +1,6 @@
 # src/defectvad/export/onnx_export.py
 import json
-import os
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,21 +35,17 @@ def import_onnxruntime():
 def export_onnx(model, path, example, name="the model"):
     # the TorchScript exporter (dynamo=False): it needs neither onnxscript nor torch.export's tracing of
     # every Python branch; the batch axis is dynamic, the image size is the run's
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.onnx")
     wrapper = ScoreAndMap(model.eval().cpu()).eval()
     axes = {"image": {0: "batch"}, "pred_score": {0: "batch"}, "anomaly_map": {0: "batch"}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=list(OUTPUTS),
+            torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=list(OUTPUTS),
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except Exception as error:
-        tmp.unlink(missing_ok=True)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{name} cannot be exported to ONNX: {reason}") from error
-    return tmp
+    return path
 
 
 def add_metadata(path, metadata):

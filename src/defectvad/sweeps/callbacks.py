@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from defectvad.records import write_json_atomic
+from defectvad.atomic_files import write_json_atomic
 from defectvad.sweeps.folders import find_runs, read_json, register_resolvers, sweep_command
 
 log = logging.getLogger("defectvad.sweeps")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectvad.records import write_text_atomic
+from defectvad.atomic_files import write_text_atomic
 from defectvad.sweeps.folders import read_json
 from defectvad.sweeps.runs import IDENTITY, read_runs
 from defectvad.sweeps.tables import (COSTS, METRIC_NAMES, SUMMARY_METRICS, dataset_table, label_variants,

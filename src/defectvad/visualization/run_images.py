@@ -1,19 +1,17 @@
 # src/defectvad/visualization/run_images.py
-import os
 import re
 from pathlib import Path
 
+from defectvad.atomic_files import atomic_write
 from defectvad.metrics.thresholds import is_number
 from defectvad.visualization.panels import describe, draw_panel
 from defectvad.visualization.plots import draw_roc_curve, draw_score_histogram
 
 
 def save_png(picture, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    picture.save(tmp, compress_level=1)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        picture.save(tmp, compress_level=1)
+    return Path(path)
 
 
 def safe_name(text):
