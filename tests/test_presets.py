@@ -124,7 +124,10 @@ def test_model_alone_keeps_the_demo_backbone_and_the_command_line_beats_the_pres
 def test_stfpm_preset_reaches_the_trainer(single_thread):
     cfg = compose_config(["experiment=stfpm"])
     trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=None, _convert_="all")
-    trainer.configure_engine(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    # the loop's own settings, as the run passes them (keys such as the validation split are the run's)
+    accepted = inspect.signature(trainer.configure_engine).parameters
+    engine = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer.configure_engine(**{key: value for key, value in engine.items() if key in accepted})
     assert (trainer.max_epochs, trainer.max_steps, trainer.recalibrate_batchnorm) == (100, None, False)
     assert (trainer.early_stopping.monitor, trainer.early_stopping.patience) == ("pixel_auroc", 5)
 
