@@ -210,6 +210,20 @@ def test_efficientnet_lite0_from_package_matches_full_network(tmp_path):
     assert torch.allclose(extractor(x)["layer4"], expected, atol=1e-6)
 
 
+def test_efficientnet_lite0_batchnorm_updates_as_timm():
+    # timm's tf_efficientnet_lite0 (anomalib's): eps 1e-3, momentum 0.1
+    torch.manual_seed(0)
+    network = EfficientNetLite0().train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = network._conv_stem(x)
+        network(x)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.1)}
+    assert torch.allclose(network._bn0.running_mean, 0.1 * stem.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(network._bn0.running_var, 0.9 + 0.1 * stem.var((0, 2, 3), unbiased=True), atol=1e-5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="scikit-image is not installed")
 def test_efficientnet_lite0_recognises_the_cat(tmp_path):
     from skimage.data import chelsea

@@ -37,8 +37,9 @@ class SameConv2d(nn.Conv2d):
 
 
 def batch_norm(channels):
-    # TensorFlow's decay 0.99 is momentum 0.01 in torch terms
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+    # timm's tf_efficientnet_lite0 (what anomalib trains) uses torch's default momentum 0.1, not the 0.01 of
+    # TensorFlow's decay 0.99, so a student trained from scratch keeps the same running statistics
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.1)
 
 
 class MBConvBlock(nn.Module):
