@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from defectvad.atomic_files import write_json_atomic, write_text_atomic
+from defectvad.engine.resources import read_peak_memory
 from defectvad.errors import find_user_error
 from defectvad.records import METRIC_KEYS, read_git_commit
-from defectvad.sweeps.processes import read_peak_memory
 
 log = logging.getLogger("defectvad")
 

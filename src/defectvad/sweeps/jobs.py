@@ -3,9 +3,10 @@ import logging
 import os
 import sys
 
+from defectvad.engine.resources import release_resources
+from defectvad.engine.signals import Terminated
 from defectvad.errors import find_user_error
 from defectvad.sweeps.folders import read_json, read_run_status
-from defectvad.sweeps.processes import Terminated, release_resources
 
 log = logging.getLogger("defectvad")
 
