@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from defectvad.engine.checkpoints import save_weights
+from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.engine.devices import autocast
 from defectvad.engine.early_stopping import EarlyStopping
 from defectvad.errors import ConfigError, TrainingError
@@ -21,6 +21,12 @@ class BaseTrainer:
     trainer_arguments = {"max_epochs": 1}
     # whether inputs are ImageNet-normalised for this model (transform.normalize=null picks this)
     normalize_input = True
+    # one_class: trained on normal images; few_shot: dataset.k_shot reference images (default_k_shot when null);
+    # zero_shot: no training images, and fit only prepares the model
+    learning_type = "one_class"
+    default_k_shot = None
+    # whether tools/export.py can write the evaluation forward as one ONNX graph with a free batch axis
+    exportable = True
 
     def __init__(self):
         self.model = None
@@ -91,14 +97,15 @@ class BaseTrainer:
     def learns_by_gradient(self):
         return self.optimizer is not None
 
-    def fit(self, train_loader, val_loader=None):
-        if len(train_loader.dataset) == 0:
+    def fit(self, train_loader=None, val_loader=None):
+        learns = self.learning_type != "zero_shot"
+        if learns and (train_loader is None or len(train_loader.dataset) == 0):
             raise TrainingError("the training set is empty")
         self.model.to(self.device)
         self.setup_optimizers()
         self.on_fit_start()
         self.on_train_start()
-        while not self.should_stop and self.current_epoch < self.max_epochs:
+        while learns and not self.should_stop and self.current_epoch < self.max_epochs:
             self.model.train()
             self.on_train_epoch_start()
             self.run_train_epoch(train_loader)
@@ -113,7 +120,24 @@ class BaseTrainer:
                 self.should_stop = True
         self.on_train_end()
         self.on_fit_end()
+        if not learns:
+            # nothing learned, but a later predict rebuilds the model from the run's weights
+            self.save_checkpoints()
         return self
+
+    def prepare(self, loader):
+        # called once with the test loader before it is scored: a zero-shot model reads what it needs here,
+        # e.g. the class name (loader.dataset.category) or the whole unlabeled test set at once (MuSc);
+        # a model whose state changes here saves it (self.save_checkpoints()) for a later predict
+        pass
+
+    def load_best_weights(self):
+        # after early stopping: the weights of the best validation epoch, if one was saved
+        path = None if self.weights_dir is None else self.weights_dir / "best.safetensors"
+        if self.early_stopping is None or path is None or not path.is_file():
+            return None
+        load_weights(self.model, path)
+        return path
 
     def setup_optimizers(self):
         configured = self.configure_optimizers()

@@ -1,0 +1,1 @@
+# src/defectvad/models/patch_knn/__init__.py
