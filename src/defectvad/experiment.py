@@ -1,126 +1,221 @@
 # src/defectvad/experiment.py
-# one run: weights check, data, model, fit, test, metrics, thresholds, pictures and metrics.json
+# one run, top to bottom: check, build, fit, evaluate, record
 import csv
 import io
 import logging
 import time
-import traceback
-from datetime import datetime, timezone
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from defectvad.atomic_files import write_json_atomic, write_text_atomic
+from defectvad.atomic_files import write_text_atomic
 from defectvad.engine.resources import read_peak_memory
-from defectvad.errors import find_user_error
+from defectvad.engine.run_record import keep_run_record
+from defectvad.errors import ConfigError
 from defectvad.records import METRIC_KEYS, read_git_commit
 
 log = logging.getLogger("defectvad")
 
+LEARNING_TYPES = ("one_class", "few_shot", "zero_shot")
+VALIDATION_SPLITS = {"test": "test (optimistic)", "holdout": "holdout (normal images + synthetic anomalies)"}
+
 
 def run_experiment(cfg, run_dir, choices, overrides, repo_dir):
-    import torch
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    with keep_run_record(run_dir / "metrics.json", describe_run(cfg, run_dir, choices, overrides, repo_dir)) as record:
+        device, weights_path = check_run(cfg)
+        trainer = build_trainer(cfg, run_dir, device, weights_path)
+        data = build_data(cfg, trainer, choices.get("dataset"))
+        fit_s, best_weights = fit_model(trainer, data)
+        predictions, metrics, thresholds, test_s = evaluate_model(cfg, trainer, data)
+        record.update(summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device,
+                                    {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)}, best_weights))
+        write_outputs(cfg, run_dir, trainer, data, predictions, record, device)
+    return record
 
-    from defectvad.backbones.weights import resolve_weights, verify_weights
-    from defectvad.data.holdout import split_holdout
-    from defectvad.data.loaders import create_dataloader
-    from defectvad.data.transforms import ImageTransform
-    from defectvad.engine.devices import check_precision, resolve_device, set_threads
-    from defectvad.engine.seeding import seed_everything
-    from defectvad.metrics.evaluation import compute_metrics
-    from defectvad.metrics.thresholds import fit_thresholds
 
-    record = {
+def describe_run(cfg, run_dir, choices, overrides, repo_dir):
+    return {
         "status": "running",
         "run": {
             "model": choices.get("model"), "backbone": cfg.backbone.name, "dataset": choices.get("dataset"),
             "category": cfg.dataset.get("category"), "seed": cfg.seed, "image_size": list(cfg.transform.image_size),
             "overrides": overrides, "git_commit": read_git_commit(repo_dir), "run_dir": str(run_dir),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    # a run killed outright leaves "running", never a stale "ok"
-    write_json_atomic(run_dir / "metrics.json", record)
-    try:
-        # cheap checks first: a missing weights file stops the run before any data or model work
-        device = resolve_device(cfg.hardware.accelerator)
-        check_precision(cfg.hardware.precision)
-        weights_path = None
-        if cfg.backbone.pretrained:
-            weights_path = resolve_weights(cfg.backbone.name, cfg.paths.backbone_dir, cfg.backbone.weights)
-            verify_weights(weights_path)
-        threads = set_threads(cfg.hardware.threads)
-        seed_everything(cfg.seed)
 
-        trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all")
-        normalize = trainer.normalize_input if cfg.transform.normalize is None else cfg.transform.normalize
-        transform = ImageTransform(cfg.transform.image_size, cfg.transform.center_crop, normalize)
-        train_set = instantiate(cfg.dataset, split="train", transform=transform, seed=cfg.seed)
-        test_set = instantiate(cfg.dataset, split="test", transform=transform, seed=cfg.seed)
-        train_set, holdout_set = split_holdout(train_set, cfg.evaluation.holdout, cfg.seed)
-        holdout_count = 0 if holdout_set is None else len(holdout_set)
-        log.info("%s: %d train, %d held-out normal and %d test images", choices.get("dataset"), len(train_set),
-                 holdout_count, len(test_set))
-        train_loader = create_dataloader(train_set, cfg.loader.train_batch_size, True, cfg.hardware.num_workers, cfg.seed)
-        test_loader = create_dataloader(test_set, cfg.loader.eval_batch_size, False, cfg.hardware.num_workers, cfg.seed)
 
-        engine = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer.configure_engine(device=device, precision=cfg.hardware.precision, weights_dir=run_dir / "weights", **engine)
-        validate = trainer.early_stopping is not None
+def check_run(cfg):
+    # cheap checks first: a missing weights file stops the run before any data or model work
+    from defectvad.backbones.weights import resolve_weights, verify_weights
+    from defectvad.engine.devices import check_precision, resolve_device, set_threads
+    from defectvad.engine.seeding import seed_everything
 
-        started = time.perf_counter()
-        trainer.fit(train_loader, test_loader if validate else None)
-        fit_s = time.perf_counter() - started
-        started = time.perf_counter()
-        predictions = trainer.predict(test_loader)
-        test_s = time.perf_counter() - started
+    device = resolve_device(cfg.hardware.accelerator)
+    check_precision(cfg.hardware.precision)
+    weights_path = None
+    if cfg.backbone.pretrained:
+        weights_path = resolve_weights(cfg.backbone.name, cfg.paths.backbone_dir, cfg.backbone.weights)
+        verify_weights(weights_path)
+    set_threads(cfg.hardware.threads)
+    seed_everything(cfg.seed)
+    return device, weights_path
 
-        masks = predictions["mask"][:, 0] if predictions["has_masks"] else None
-        metrics = compute_metrics(predictions["pred_score"], predictions["label"], predictions["anomaly_map"][:, 0],
-                                  masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
-        holdout = None
-        if holdout_set is not None:
-            holdout = trainer.predict(create_dataloader(holdout_set, cfg.loader.eval_batch_size, False,
-                                                        cfg.hardware.num_workers, cfg.seed))
-        thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile)
-        timing = {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)}
-        resources = read_peak_memory(device)
-        defect_types = {sample["image_path"]: sample["defect_type"] for sample in test_set.samples}
-        defect_types = [defect_types.get(path, "unknown") for path in predictions["image_path"]]
-        write_test_scores(run_dir / "test_scores.csv", predictions, defect_types, thresholds)
-        efficiency = measure_run_efficiency(cfg, trainer, test_set, device, timing, resources)
-        if cfg.evaluation.save_images:
-            save_run_images(cfg, run_dir / "images", predictions, defect_types, thresholds)
-        record.update({
-            "status": "ok",
-            "metrics": {key: metrics[key] for key in METRIC_KEYS},
-            "thresholds": thresholds,
-            "timing": timing,
-            "resources": resources,
-            "efficiency": efficiency,
-            "model": trainer.summary(),
-            "environment": {"torch": torch.__version__, "device": str(device), "threads": threads,
-                            "precision": cfg.hardware.precision},
-            "evaluation": {
-                "resolution": list(predictions["anomaly_map"].shape[-2:]),
-                "image_score": "pred_score of the model (raw, not normalised)",
-                "mask_threshold": "mask pixels > 0 are anomalous",
-                "aupro_fpr_limit": cfg.evaluation.aupro_fpr_limit,
-                "test_images": len(test_set),
-                "train_images": len(train_set),
-                "holdout_images": holdout_count,
-            },
-        })
-        return record
-    except BaseException as error:
-        record["status"] = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-        record["error"] = str(find_user_error(error) or error) or type(error).__name__
-        record["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        record["run"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_json_atomic(run_dir / "metrics.json", record)
+
+def build_trainer(cfg, run_dir, device, weights_path):
+    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all")
+    if trainer.learning_type not in LEARNING_TYPES:
+        raise ConfigError(f"{type(trainer).__name__}.learning_type is '{trainer.learning_type}'; "
+                          f"it must be one of: {', '.join(LEARNING_TYPES)}")
+    engine = OmegaConf.to_container(cfg.trainer, resolve=True)
+    engine.pop("validation", None)  # which split validates is the run's choice (build_data), not the loop's
+    return trainer.configure_engine(device=device, precision=cfg.hardware.precision, weights_dir=run_dir / "weights",
+                                    **engine)
+
+
+def build_data(cfg, trainer, dataset_name):
+    from defectvad.data.loaders import create_dataloader
+    from defectvad.data.transforms import ImageTransform
+
+    normalize = trainer.normalize_input if cfg.transform.normalize is None else cfg.transform.normalize
+    transform = ImageTransform(cfg.transform.image_size, cfg.transform.center_crop, normalize)
+    k_shot = resolve_k_shot(trainer, cfg.dataset.get("k_shot"))
+    train_set, holdout_set = build_train_sets(cfg, transform, k_shot, trainer.learning_type != "zero_shot")
+    test_set = instantiate(cfg.dataset, split="test", transform=transform, seed=cfg.seed)
+    validation_set, validation_split = build_validation_set(cfg, trainer, test_set, holdout_set)
+    counts = {"train_images": 0 if train_set is None else len(train_set),
+              "holdout_images": 0 if holdout_set is None else len(holdout_set), "test_images": len(test_set)}
+    log.info("%s: %d train (%s), %d held-out normal and %d test images", dataset_name, counts["train_images"],
+             trainer.learning_type, counts["holdout_images"], counts["test_images"])
+
+    def loader(dataset, batch_size=cfg.loader.eval_batch_size, shuffle=False):
+        if dataset is None:
+            return None
+        return create_dataloader(dataset, batch_size, shuffle, cfg.hardware.num_workers, cfg.seed)
+
+    return {"train": loader(train_set, cfg.loader.train_batch_size, True), "test": loader(test_set),
+            "holdout": loader(holdout_set), "validation": loader(validation_set), "test_set": test_set,
+            "validation_split": validation_split, "k_shot": k_shot, "counts": counts}
+
+
+def resolve_k_shot(trainer, k_shot):
+    # one-class: k_shot (null: every normal image); few-shot: k_shot or the model's default; zero-shot: none
+    name = type(trainer).__name__
+    if trainer.learning_type == "zero_shot":
+        if k_shot is not None:
+            log.warning("%s is zero-shot and uses no training images: dataset.k_shot=%s is ignored", name, k_shot)
+        return None
+    if trainer.learning_type == "few_shot" and k_shot is None:
+        if trainer.default_k_shot is None:
+            raise ConfigError(f"{name} is a few-shot model: set dataset.k_shot to the number of normal reference "
+                              f"images, e.g. dataset.k_shot=4")
+        log.info("%s is few-shot: %d reference images (the model's default; dataset.k_shot sets another)",
+                 name, trainer.default_k_shot)
+        return trainer.default_k_shot
+    return k_shot
+
+
+def build_train_sets(cfg, transform, k_shot, learns):
+    # (training set or None, held-out normal set or None); a zero-shot model builds no train split unless
+    # normal images are held out for a threshold; the k reference images never include held-out ones
+    from defectvad.data.base import select_k_shot
+    from defectvad.data.holdout import split_holdout
+
+    holdout = cfg.evaluation.holdout
+    if not learns and not holdout:
+        return None, None
+    train_set = instantiate(cfg.dataset, split="train", transform=transform, seed=cfg.seed,
+                            k_shot=None if holdout else k_shot)
+    train_set, holdout_set = split_holdout(train_set, holdout, cfg.seed)
+    if holdout and k_shot is not None:
+        train_set.samples = select_k_shot(train_set.samples, k_shot, cfg.seed, train_set.describe_location())
+    return (train_set if learns else None), holdout_set
+
+
+def build_validation_set(cfg, trainer, test_set, holdout_set):
+    # early stopping's split: the test split (optimistic: the epoch is chosen on the images it is judged on)
+    # or held-out normal images with synthetic anomalies pasted into a copy of each
+    from defectvad.engine.synthetic_validation import SyntheticAnomalySet
+
+    validation = cfg.trainer.get("validation", "test")
+    if validation not in VALIDATION_SPLITS:
+        raise ConfigError(f"trainer.validation must be one of: {', '.join(VALIDATION_SPLITS)}; got '{validation}'")
+    if trainer.early_stopping is None or trainer.learning_type == "zero_shot":
+        return None, None
+    if validation == "test":
+        return test_set, VALIDATION_SPLITS["test"]
+    if holdout_set is None:
+        raise ConfigError("trainer.validation=holdout validates on held-out normal images: set evaluation.holdout "
+                          "to how many to keep out of training, e.g. evaluation.holdout=20")
+    return SyntheticAnomalySet(holdout_set, cfg.seed), VALIDATION_SPLITS["holdout"]
+
+
+def fit_model(trainer, data):
+    # with early stopping, the reported metrics and later predictions use the best epoch's weights
+    started = time.perf_counter()
+    trainer.fit(data["train"], data["validation"])
+    best_weights = trainer.load_best_weights()
+    return time.perf_counter() - started, best_weights
+
+
+def evaluate_model(cfg, trainer, data):
+    from defectvad.metrics.evaluation import compute_metrics
+    from defectvad.metrics.thresholds import fit_thresholds
+
+    started = time.perf_counter()
+    trainer.prepare(data["test"])
+    predictions = trainer.predict(data["test"])
+    test_s = time.perf_counter() - started
+    masks = predictions["mask"][:, 0] if predictions["has_masks"] else None
+    metrics = compute_metrics(predictions["pred_score"], predictions["label"], predictions["anomaly_map"][:, 0],
+                              masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
+    holdout = None if data["holdout"] is None else trainer.predict(data["holdout"])
+    thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile)
+    return predictions, metrics, thresholds, test_s
+
+
+def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, timing, best_weights):
+    import torch
+
+    return {
+        "metrics": {key: metrics[key] for key in METRIC_KEYS},
+        "thresholds": thresholds,
+        "timing": timing,
+        "resources": read_peak_memory(device),
+        "model": trainer.summary(),
+        "validation": describe_validation(trainer, data["validation_split"], best_weights),
+        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                        "precision": cfg.hardware.precision},
+        "evaluation": {
+            "resolution": list(predictions["anomaly_map"].shape[-2:]),
+            "image_score": "pred_score of the model (raw, not normalised)",
+            "mask_threshold": "mask pixels > 0 are anomalous",
+            "aupro_fpr_limit": cfg.evaluation.aupro_fpr_limit,
+            "learning_type": trainer.learning_type,
+            "k_shot": data["k_shot"],
+            **data["counts"],
+        },
+    }
+
+
+def describe_validation(trainer, split, best_weights):
+    stopping = trainer.early_stopping
+    if split is None:
+        return {"split": None, "weights": "last", "note": "no early stopping (trainer.early_stopping.monitor=null)"}
+    return {"split": split, "monitor": stopping.monitor, "mode": stopping.mode, "best": stopping.best,
+            "epochs": trainer.current_epoch, "weights": "best" if best_weights else "last"}
+
+
+def write_outputs(cfg, run_dir, trainer, data, predictions, record, device):
+    # the extra outputs chosen in evaluation: save_scores, efficiency, save_images
+    defect_types = {sample["image_path"]: sample["defect_type"] for sample in data["test_set"].samples}
+    defect_types = [defect_types.get(path, "unknown") for path in predictions["image_path"]]
+    if cfg.evaluation.save_scores:
+        write_test_scores(run_dir / "test_scores.csv", predictions, defect_types, record["thresholds"])
+    record["efficiency"] = measure_run_efficiency(cfg, trainer, data["test_set"], device, record["timing"],
+                                                  record["resources"])
+    if cfg.evaluation.save_images:
+        save_run_images(cfg, run_dir / "images", predictions, defect_types, record["thresholds"])
 
 
 def write_test_scores(path, predictions, defect_types, thresholds):

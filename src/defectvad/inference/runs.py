@@ -11,7 +11,8 @@ from defectvad.engine.checkpoints import load_weights
 from defectvad.engine.devices import resolve_device
 from defectvad.errors import ConfigError, DefectVADError
 
-WEIGHT_FILES = ("weights/last.safetensors", "weights/best.safetensors")
+# best.safetensors exists only when early stopping chose an epoch, whose weights the run's metrics come from
+WEIGHT_FILES = ("weights/best.safetensors", "weights/last.safetensors")
 # model settings that only fetch what training needs (teacher files, penalty or texture images); the
 # run's weights replace whatever they would load, so a machine without those files can still predict
 TRAINING_ONLY = {"pretrained_teacher": False, "imagenet_dir": None, "anomaly_source": "synthetic"}
