@@ -9,6 +9,8 @@ from defectvad.models.cfa.torch_model import CfaModel
 class CfaTrainer(BaseTrainer):
     # anomalib 2.x sets no epoch count (Lightning would run 1000); 30 as in anomalib's 0.x cfa config
     trainer_arguments = {"max_epochs": 30, "gradient_clip_val": 0}
+    # its traced graph keeps the trace's batch size: onnxruntime fails on another batch size
+    exportable = False
 
     def __init__(self, backbone="wide_resnet50_2", weights_path=None, gamma_c=1, gamma_d=1, num_nearest_neighbors=3,
                  num_hard_negative_features=3, radius=1e-5, lr=1e-3, weight_decay=5e-4, amsgrad=True):

@@ -5,6 +5,8 @@ from defectvad.models.dfm.torch_model import DFMModel
 
 class DfmTrainer(OnePassTrainer):
     trainer_arguments = {"max_epochs": 1, "gradient_clip_val": 0}
+    # its traced graph keeps the trace's batch size: onnxruntime fails on another batch size
+    exportable = False
 
     def __init__(self, backbone="resnet50", layer=None, weights_path=None, pooling_kernel_size=4,
                  pca_level=0.97, score_type="fre"):
