@@ -1,0 +1,252 @@
+# src/defectvad/backbones/clip.py
+# CLIP as open_clip builds it (ViT image tower, causal text transformer), with open_clip's parameter names so
+# that an open_clip state dict loads strictly.
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectvad.errors import BackboneError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BLOCK_PREFIX = "transformer.resblocks."
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, act_layer=nn.GELU, mlp_ratio=4.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, hidden)),
+            ("gelu", act_layer()),
+            ("c_proj", nn.Linear(hidden, width)),
+        ]))
+
+    def forward(self, x, attn_mask=None):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, act_layer=nn.GELU):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act_layer) for _ in range(layers)])
+
+    def forward(self, x, attn_mask=None):
+        for block in self.resblocks:
+            x = block(x, attn_mask=attn_mask)
+        return x
+
+
+def resize_position_embedding(pos_embed, grid):
+    # open_clip's resize_pos_embed: the class token's row stays, the patch grid is resized bicubically
+    prefix, patches = pos_embed[:1], pos_embed[1:]
+    old = int(math.sqrt(patches.shape[0]))
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    return torch.cat([prefix, patches], dim=0)
+
+
+class VisionTransformer(nn.Module):
+    num_prefix_tokens = 1
+
+    def __init__(self, image_size, patch_size, width, layers, heads, output_dim, act_layer=nn.GELU):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.embed_dim = width
+        self.output_dim = output_dim
+        self.grid_size = (image_size // patch_size, image_size // patch_size)
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size[0] * self.grid_size[1] + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, act_layer)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def layer_names(self):
+        return [f"{BLOCK_PREFIX}{i}" for i in range(len(self.transformer.resblocks))]
+
+    def block_index(self, layer):
+        names = self.layer_names()
+        if layer not in names:
+            raise BackboneError(f"unknown layer '{layer}' of the CLIP image tower; choose from: {', '.join(names)}")
+        return names.index(layer)
+
+    def position_embedding(self, grid):
+        if tuple(grid) == self.grid_size:
+            return self.positional_embedding
+        return resize_position_embedding(self.positional_embedding, grid)
+
+    def embed(self, images):
+        x = self.conv1(images)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(grid).to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward(self, images):
+        if self.proj is None:
+            raise BackboneError("this CLIP image tower was truncated to its blocks; it has no pooled output")
+        x = self.embed(images)
+        x = self.ln_post(self.transformer(x))
+        return x[:, 0] @ self.proj
+
+    def forward_tokens(self, images, layers):
+        wanted = {layer: self.block_index(layer) for layer in layers}
+        deepest = max(wanted.values())
+        x = self.embed(images)
+        by_index = {}
+        for index, block in enumerate(self.transformer.resblocks[:deepest + 1]):
+            x = block(x)
+            if index in wanted.values():
+                by_index[index] = x
+        return {layer: {"patches": by_index[i][:, 1:], "cls": by_index[i][:, 0]} for layer, i in wanted.items()}
+
+    def forward_layers(self, images, layers):
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        tokens = self.forward_tokens(images, layers)
+        return {layer: t["patches"].transpose(1, 2).reshape(images.shape[0], -1, h, w) for layer, t in tokens.items()}
+
+    def truncate(self, layers):
+        deepest = max(self.block_index(layer) for layer in layers)
+        self.transformer.resblocks = self.transformer.resblocks[:deepest + 1]
+        self.ln_post = None
+        self.proj = None
+        return self
+
+
+def causal_mask(length):
+    return torch.full((length, length), float("-inf")).triu_(1)
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim, image_size, patch_size, vision_width, vision_layers, text_width, text_heads,
+                 text_layers, context_length=77, vocab_size=49408, quick_gelu=False, vision_head_width=64):
+        super().__init__()
+        act_layer = QuickGELU if quick_gelu else nn.GELU
+        self.visual = VisionTransformer(image_size, patch_size, vision_width, vision_layers,
+                                        vision_width // vision_head_width, embed_dim, act_layer)
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.transformer = Transformer(text_width, text_layers, text_heads, act_layer)
+        self.token_embedding = nn.Embedding(vocab_size, text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
+        self.ln_final = nn.LayerNorm(text_width)
+        self.text_projection = nn.Parameter(torch.empty(text_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.register_buffer("attn_mask", causal_mask(context_length), persistent=False)
+        self.init_text_parameters()
+
+    def init_text_parameters(self):
+        # open_clip's initialisation of the text tower
+        width, layers = self.transformer.width, len(self.transformer.resblocks)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def encode_image(self, images, normalize=False):
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text, normalize=False):
+        length = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        # the end-of-text token has the highest id in the vocabulary: its position is the argmax
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+HF_RESOLVE = "https://huggingface.co/timm/{}/resolve/main/{}"
+RELEASES = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/"
+
+
+def strip_module_prefix(state_dict):
+    # open_clip's training checkpoints may carry DistributedDataParallel's "module." prefix
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def clip_file(file, source, url, sha256=None, sha256_prefix=None, check=None, convert=None):
+    return {"file": file, "source": source, "url": url, "sha256": sha256, "sha256_prefix": sha256_prefix,
+            "check": check or {}, "package": None, "convert": convert}
+
+
+def hub_file(folder, file, source, sha256=None, check=None):
+    return clip_file(f"{folder}/{file}", source, HF_RESOLVE.format(folder, file), sha256=sha256, check=check)
+
+
+B16_PLUS_240_HUB = "vit_base_patch16_plus_clip_240.laion400m_e31"
+L14_336_HUB = "vit_large_patch14_clip_336.openai"
+B16_PLUS_240_CHECK = {"visual.positional_embedding": (226, 896), "text_projection": (640, 640)}
+L14_336_CHECK = {"visual.positional_embedding": (577, 1024), "text_projection": (768, 768)}
+
+# ---- CLIP backbone settings, to be merged into registry.py ----
+# The OpenAI file ViT-L-14-336px.pt (sha256 3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02)
+# is a TorchScript archive: torch.load(weights_only=True) refuses it, so only the hub copies are listed.
+CLIP_BACKBONES = {
+    "clip_vit_b16_plus_240": dict(
+        architecture=dict(embed_dim=640, image_size=240, patch_size=16, vision_width=896, vision_layers=12,
+                          text_width=640, text_heads=10, text_layers=12, context_length=77, vocab_size=49408,
+                          quick_gelu=False),
+        layers={f"{BLOCK_PREFIX}{i}": (896, 16) for i in range(12)},
+        stages=[f"{BLOCK_PREFIX}{i}" for i in (2, 5, 8, 11)],
+        mean=OPENAI_MEAN, std=OPENAI_STD, image_size=240, interpolation="bicubic",
+        files=[
+            hub_file(B16_PLUS_240_HUB, "open_clip_model.safetensors",
+                     "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, what anomalib's WinCLIP loads)",
+                     sha256="f65b63daa30d38e9c4afe87ebd40140cee700cf0a1091711248f512f48706840",
+                     check=B16_PLUS_240_CHECK),
+            clip_file("vit_b_16_plus_240-laion400m_e31-8fb26589.pt", "open_clip release v0.2-weights, laion400m_e31",
+                      RELEASES + "vit_b_16_plus_240-laion400m_e31-8fb26589.pt",
+                      sha256="8fb26589b9a8bab2e7a683d280e48df89b8e742f3a82132707282620b36facba",
+                      sha256_prefix="8fb26589", convert=strip_module_prefix),
+            hub_file(B16_PLUS_240_HUB, "open_clip_pytorch_model.bin",
+                     "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, pickle)"),
+        ],
+    ),
+    "clip_vit_l14_336": dict(
+        architecture=dict(embed_dim=768, image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
+                          text_width=768, text_heads=12, text_layers=12, context_length=77, vocab_size=49408,
+                          quick_gelu=True),
+        layers={f"{BLOCK_PREFIX}{i}": (1024, 14) for i in range(24)},
+        stages=[f"{BLOCK_PREFIX}{i}" for i in (5, 11, 17, 23)],
+        mean=OPENAI_MEAN, std=OPENAI_STD, image_size=336, interpolation="bicubic",
+        files=[
+            hub_file(L14_336_HUB, "open_clip_model.safetensors", "OpenAI CLIP ViT-L/14@336px (open_clip hub copy)",
+                     check=L14_336_CHECK),
+            hub_file(L14_336_HUB, "open_clip_pytorch_model.bin", "OpenAI CLIP ViT-L/14@336px (open_clip hub copy, pickle)"),
+        ],
+    ),
+}
+
+# The tokenizer's merges, shipped with OpenAI's CLIP and open_clip; read from the backbone folder.
+BPE_VOCAB = clip_file(
+    "bpe_simple_vocab_16e6.txt.gz", "CLIP byte-pair merges (OpenAI CLIP / open_clip package)",
+    "https://github.com/mlfoundations/open_clip/raw/main/src/open_clip/bpe_simple_vocab_16e6.txt.gz",
+    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+)
