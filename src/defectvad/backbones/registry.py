@@ -6,6 +6,7 @@ from functools import partial
 import torchvision
 
 from defectvad.backbones.cait import CAIT_BUILDERS
+from defectvad.backbones.clip import CLIP, CLIP_BACKBONES
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
 from defectvad.backbones.vit import VIT_BUILDERS, convert_dinov2_official
 from defectvad.errors import BackboneError
@@ -171,6 +172,17 @@ register(
     vit("dinov2_vitl14_reg4", 1024, 24, 14,
         dinov2_files("dinov2_vitl14_reg4", "vit_large_patch14_reg4_dinov2.lvd142m", 1024), 518),
 )
+
+
+def clip(name):
+    # the network is the whole CLIP (image and text towers); layers are blocks of its image tower "visual"
+    settings = CLIP_BACKBONES[name]
+    return Backbone(name, "clip", partial(CLIP, **settings["architecture"]), settings["layers"], settings["stages"],
+                    settings["files"], tower="visual", mean=settings["mean"], std=settings["std"],
+                    image_size=settings["image_size"], interpolation=settings["interpolation"])
+
+
+register(clip("clip_vit_b16_plus_240"), clip("clip_vit_l14_336"))
 
 
 def get_backbone(name):
