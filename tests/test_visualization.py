@@ -1,59 +1,84 @@
 # tests/test_visualization.py
 import numpy as np
 import torch
+from matplotlib import colormaps
 from PIL import Image
 
-from defectvad.visualization.colormaps import JET, colorize
 from defectvad.visualization.panels import CAPTION_HEIGHT, PREDICTED_COLOR, TRUTH_COLOR, draw_panel
-from defectvad.visualization.plots import draw_roc_curve, draw_score_histogram, roc_points
-from defectvad.visualization.run_images import write_run_images
+from defectvad.visualization.plots import draw_roc_curve, draw_score_histogram
+from defectvad.visualization.run_images import save_png, write_run_images
 
 
-def test_jet_runs_from_dark_blue_through_green_to_dark_red():
-    assert JET.shape == (256, 3) and JET.dtype == np.uint8
-    assert tuple(JET[0]) == (0, 0, 128) and tuple(JET[-1]) == (128, 0, 0)
-    assert JET[128][1] == 255 and JET[128][0] < 140 and JET[128][2] < 140
+def read_png(path):
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"))
 
 
-def test_colorize_uses_one_fixed_scale_and_clips():
-    colors = colorize(np.array([[-5.0, 0.0, 10.0, 99.0]]), 0.0, 10.0)
-    assert colors.shape == (1, 4, 3)
-    assert (colors[0, 0] == JET[0]).all() and (colors[0, 1] == JET[0]).all()
-    assert (colors[0, 2] == JET[-1]).all() and (colors[0, 3] == JET[-1]).all()
+def rows_of(column, color):
+    return np.nonzero((np.abs(column.astype(int) - color) <= 2).all(axis=1))[0].tolist()
 
 
-def test_panel_shows_image_heatmap_and_outlines():
+def test_panel_shows_image_heatmap_and_outlines(tmp_path):
     image = torch.full((3, 32, 32), 0.5)
     anomaly_map = np.zeros((32, 32))
     anomaly_map[8:20, 8:20] = 1.0
+    anomaly_map[0, 31] = 7.0  # above the run's range: drawn as its top colour
     mask = np.zeros((32, 32), bool)
     mask[22:30, 22:30] = True
-    panel = draw_panel(image, anomaly_map, 0.5, (0.0, 1.0), "caption", mask)
+    save_png(draw_panel(image, anomaly_map, 0.5, (0.0, 1.0), "caption", mask), tmp_path / "panel.png")
+    panel = read_png(tmp_path / "panel.png")
     side = 256  # small images are enlarged to at least 256 pixels
-    assert panel.size == (3 * side, side + CAPTION_HEIGHT)
-    pixels = np.asarray(panel)[CAPTION_HEIGHT:]
+    assert panel.shape == (side + CAPTION_HEIGHT, 3 * side, 3)
+    pixels = panel[CAPTION_HEIGHT:]
     assert tuple(pixels[side // 2, side // 2]) == (128, 128, 128)  # the image itself
-    assert tuple(pixels[4, side + 4]) == tuple(JET[0]) and tuple(pixels[100, side + 100]) == tuple(JET[-1])
+    # jet on one fixed range: dark blue at its low end, dark red at its high end and above
+    low, high = (np.asarray(colormaps["jet"](value, bytes=True)[:3]) for value in (0.0, 1.0))
+    assert np.abs(low.astype(int) - (0, 0, 128)).max() <= 1 and np.abs(high.astype(int) - (128, 0, 0)).max() <= 1
+    assert (pixels[4, side + 4] == low).all() and (pixels[100, side + 100] == high).all()
+    assert (pixels[2, 2 * side - 2] == high).all()
     overlay = pixels[:, 2 * side:]
-    assert tuple(overlay[64, 100]) == PREDICTED_COLOR  # top edge of the predicted square (rows 64-159)
-    assert tuple(overlay[176, 200]) == TRUTH_COLOR  # top edge of the true defect (rows 176-239)
-    assert tuple(overlay[100, 100]) != PREDICTED_COLOR  # inside the region, no outline
+    # the predicted square covers rows and columns 64-159, the true defect 176-239: two-pixel outlines on
+    # their borders, nowhere else along a line through them
+    assert rows_of(overlay[:, 100], PREDICTED_COLOR) == [63, 64, 159, 160]
+    assert rows_of(overlay[100], PREDICTED_COLOR) == [63, 64, 159, 160]
+    assert rows_of(overlay[:, 200], TRUTH_COLOR) == [175, 176, 239, 240]
+    # inside, the overlay is half image, half heatmap
+    assert np.abs(overlay[100, 100].astype(int) - (0.5 * 128 + 0.5 * high)).max() <= 2
 
 
-def test_roc_points_handle_ties():
-    fpr, tpr = roc_points(np.array([3.0, 2.0, 2.0, 1.0]), np.array([1, 1, 0, 0]))
-    assert fpr.tolist() == [0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1]
+def test_panel_outlines_a_region_that_touches_the_border(tmp_path):
+    anomaly_map = np.zeros((16, 16))
+    anomaly_map[:, 8:] = 1.0
+    save_png(draw_panel(np.zeros((16, 16, 3), np.uint8), anomaly_map, 0.5, (0.0, 1.0)), tmp_path / "panel.png")
+    overlay = read_png(tmp_path / "panel.png")[CAPTION_HEIGHT:, 2 * 256:]
+    assert rows_of(overlay[:, 200], PREDICTED_COLOR) == [0, 255]  # closed along the image's edge
+    assert rows_of(overlay[100], PREDICTED_COLOR) == [127, 128, 255]
 
 
-def test_plots_draw_curves_and_bars():
+def test_roc_curve_steps_through_ties_and_reports_the_area():
+    figure = draw_roc_curve(np.array([3.0, 2.0, 2.0, 1.0]), np.array([1, 1, 0, 0]))
+    axes = figure.axes[0]
+    curve = axes.lines[-1]
+    assert curve.get_xdata().tolist() == [0, 0, 0.5, 1] and curve.get_ydata().tolist() == [0, 0.5, 1, 1]
+    assert axes.get_title() == "ROC curve, AUROC 0.875"  # 0.5 * 0.75 + 0.5 * 1
+    single = draw_roc_curve(np.array([1.0, 2.0]), np.array([0, 0])).axes[0]
+    assert single.get_title() == "ROC curve" and single.texts[0].get_text() == "needs normal and anomalous images"
+
+
+def test_histogram_counts_both_classes_and_draws_the_thresholds(tmp_path):
     scores = np.array([1.0, 1.2, 1.1, 3.0, 2.5, 0.9])
     labels = np.array([0, 0, 0, 1, 1, 1])
-    roc = np.asarray(draw_roc_curve(scores, labels))
-    red = (roc[..., 0] > 200) & (roc[..., 1] < 80) & (roc[..., 2] < 80)
-    assert red.sum() > 200
-    histogram = np.asarray(draw_score_histogram(scores, labels, [("f1_test", 2.5), ("normal", None)]))
-    blue = (histogram[..., 2] > 150) & (histogram[..., 0] < 180) & (histogram[..., 1] < 210)
-    assert blue.sum() > 200
+    figure = draw_score_histogram(scores, labels, [("f1_test", 2.5), ("normal", None)], bins=3)
+    axes = figure.axes[0]
+    normal, anomalous = axes.containers
+    # three bins over [0.9, 3.0]: edges 0.9, 1.6, 2.3, 3.0
+    assert [bar.get_height() for bar in normal] == [3, 0, 0]
+    assert [bar.get_height() for bar in anomalous] == [1, 0, 2]
+    assert [line.get_xdata()[0] for line in axes.lines] == [2.5]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "normal (3)", "anomalous (3)", "threshold f1_test 2.5"]
+    save_png(figure, tmp_path / "histogram.png")
+    assert read_png(tmp_path / "histogram.png").shape == (380, 600, 3)
 
 
 def fake_predictions(count=10, size=16):

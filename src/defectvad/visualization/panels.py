@@ -1,13 +1,13 @@
 # src/defectvad/visualization/panels.py
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
-
-from defectvad.visualization.colormaps import colorize
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 PREDICTED_COLOR = (255, 255, 255)
 TRUTH_COLOR = (0, 255, 0)
 MIN_SIDE = 256
 CAPTION_HEIGHT = 18
+DPI = 100
 
 
 def to_uint8_image(image):
@@ -18,38 +18,44 @@ def to_uint8_image(image):
     return np.asarray(image, dtype=np.uint8)
 
 
-def outline(region, width):
-    # the border pixels of a boolean region, `width` pixels wide, as an L image
-    mask = Image.fromarray(np.asarray(region, dtype=np.uint8) * 255)
-    border = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(3)))
-    for _ in range(width - 1):
-        border = border.filter(ImageFilter.MaxFilter(3))
-    return border
+def draw_outline(axes, region, color, width):
+    # the region's border, padded with background so that it closes along the image's edge too
+    if not region.any():
+        return
+    height, width_in_pixels = region.shape
+    padded = np.pad(region.astype(np.float32), 1)
+    axes.contour(np.arange(-1, width_in_pixels + 1), np.arange(-1, height + 1), padded, levels=[0.5],
+                 colors=[np.divide(color, 255)], linewidths=width)
 
 
 def draw_panel(image, anomaly_map, pixel_threshold, map_range, caption="", mask=None):
     # image | heatmap | overlay with the predicted region (map >= pixel_threshold) outlined in white
-    # and, given a mask, the true defect outlined in green
+    # and, given a mask, the true defect outlined in green; one colour range for the whole run
     image = to_uint8_image(image)
-    values = np.asarray(anomaly_map, dtype=np.float64).reshape(image.shape[:2])
-    heat = colorize(values, *map_range)
-    blend = (0.5 * image + 0.5 * heat + 0.5).astype(np.uint8)
-    scale = max(1, -(-MIN_SIDE // max(image.shape[:2])))
-    size = (image.shape[1] * scale, image.shape[0] * scale)
-    tiles = [Image.fromarray(array).resize(size, Image.NEAREST) for array in (image, heat, blend)]
-    width = max(1, size[0] // 128)
-    overlay = tiles[2]
-    if mask is not None and np.any(mask):
-        truth = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.NEAREST)
-        overlay.paste(TRUTH_COLOR, mask=outline(np.asarray(truth) > 0, width))
-    predicted = Image.fromarray((values >= pixel_threshold).astype(np.uint8) * 255).resize(size, Image.NEAREST)
-    overlay.paste(PREDICTED_COLOR, mask=outline(np.asarray(predicted) > 0, width))
-
-    panel = Image.new("RGB", (3 * size[0], size[1] + CAPTION_HEIGHT), (255, 255, 255))
-    for index, tile in enumerate(tiles):
-        panel.paste(tile, (index * size[0], CAPTION_HEIGHT))
-    ImageDraw.Draw(panel).text((4, 3), caption, fill=(0, 0, 0), font=ImageFont.load_default(size=12))
-    return panel
+    height, width = image.shape[:2]
+    values = np.asarray(anomaly_map, dtype=np.float64).reshape(height, width)
+    scale = max(1, -(-MIN_SIDE // max(height, width)))
+    tile_width, tile_height = width * scale, height * scale
+    figure = Figure(figsize=(3 * tile_width / DPI, (tile_height + CAPTION_HEIGHT) / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    bottom = tile_height / (tile_height + CAPTION_HEIGHT)
+    tiles = [figure.add_axes((index / 3, 0, 1 / 3, bottom)) for index in range(3)]
+    heat = {"cmap": "jet", "vmin": map_range[0], "vmax": map_range[1], "interpolation": "nearest"}
+    tiles[0].imshow(image, interpolation="nearest")
+    tiles[1].imshow(values, **heat)
+    tiles[2].imshow(image, interpolation="nearest")
+    tiles[2].imshow(values, alpha=0.5, **heat)
+    line_width = max(1, tile_width // 128) * 72 / DPI  # pixels to points
+    if mask is not None:
+        draw_outline(tiles[2], np.asarray(mask).reshape(height, width) > 0, TRUTH_COLOR, line_width)
+    draw_outline(tiles[2], values >= pixel_threshold, PREDICTED_COLOR, line_width)
+    for tile in tiles:
+        tile.set_axis_off()
+        tile.set_xlim(-0.5, width - 0.5)
+        tile.set_ylim(height - 0.5, -0.5)
+    figure.text(4 / (3 * tile_width), 1 - 3 / (tile_height + CAPTION_HEIGHT), caption, ha="left", va="top",
+                fontsize=9)
+    return figure
 
 
 def describe(name, score, threshold, kind):

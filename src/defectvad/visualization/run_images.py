@@ -8,9 +8,9 @@ from defectvad.visualization.panels import describe, draw_panel
 from defectvad.visualization.plots import draw_roc_curve, draw_score_histogram
 
 
-def save_png(picture, path):
+def save_png(figure, path):
     with atomic_write(path) as tmp:
-        picture.save(tmp, compress_level=1)
+        figure.savefig(tmp, format="png", dpi=figure.dpi, pil_kwargs={"compress_level": 1})
     return Path(path)
 
 
