@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from defectvad.backbones.clip import CLIP, CLIP_BACKBONES, ResidualAttentionBlock, resize_position_embedding
-from defectvad.backbones.tokenizer import ClipTokenizer, bytes_to_unicode
+from defectvad.backbones.tokenizer import ClipTokenizer, bytes_to_unicode, load_tokenizer
 from defectvad.errors import BackboneError
 
 TINY = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, text_width=32, text_heads=2,
@@ -208,3 +208,12 @@ def test_unreadable_vocabulary_is_a_clear_error(tmp_path):
     path.write_text("not gzip")
     with pytest.raises(BackboneError, match="not a readable gzip"):
         ClipTokenizer(path)
+
+
+def test_missing_or_altered_vocabulary_names_file_folder_and_url(tmp_path):
+    with pytest.raises(BackboneError, match=f"bpe_simple_vocab_16e6.txt.gz not found in {tmp_path}.*open_clip"):
+        load_tokenizer(tmp_path)
+    with gzip.open(tmp_path / "bpe_simple_vocab_16e6.txt.gz", "wt") as f:
+        f.write("#version: 0.2\nh e\n")
+    with pytest.raises(BackboneError, match="hash does not match"):
+        load_tokenizer(tmp_path)

@@ -7,6 +7,8 @@ import unicodedata
 
 import torch
 
+from defectvad.backbones.clip import BPE_VOCAB
+from defectvad.backbones.weights import backbone_folder, file_sha256
 from defectvad.errors import BackboneError
 
 START = "<start_of_text>"
@@ -124,3 +126,15 @@ class ClipTokenizer:
                 ids = ids[:length - 1] + [self.end_id]
             result[row, :len(ids)] = torch.tensor(ids)
         return result
+
+
+def load_tokenizer(backbone_dir=None, context_length=CONTEXT_LENGTH):
+    # the merges file lives in the backbone folder like a weight file, checked against its sha256
+    folder = backbone_folder(backbone_dir)
+    path = folder / BPE_VOCAB["file"]
+    if not path.is_file():
+        raise BackboneError(f"CLIP tokenizer vocabulary {BPE_VOCAB['file']} not found in {folder}; on a machine that "
+                            f"is online fetch {BPE_VOCAB['url']}, then copy it into that folder")
+    if file_sha256(path) != BPE_VOCAB["sha256"]:
+        raise BackboneError(f"{path} hash does not match the CLIP vocabulary's; fetch it again from {BPE_VOCAB['url']}")
+    return ClipTokenizer(path, context_length)
