@@ -8,15 +8,14 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from defectvad.components.perlin import generate_perlin_noise
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from defectvad.data.images import is_image_file
 
 
 class TextureFolder:
     # every image under a folder (e.g. the Describable Textures Dataset), read on demand as uint8 (3, H, W)
     def __init__(self, root):
         self.root = Path(root)
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(p for p in self.root.rglob("*") if is_image_file(p))
 
     def __len__(self):
         return len(self.files)

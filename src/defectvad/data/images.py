@@ -6,7 +6,8 @@ from PIL import Image
 
 from defectvad.errors import DatasetError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# the endings torchvision's ImageFolder reads, which anomalib uses too
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def is_image_file(path):

@@ -5,16 +5,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from defectvad.data.images import is_image_file
 from defectvad.errors import DatasetError
 
 IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz"
-# the suffixes torchvision's ImageFolder reads, which anomalib uses for these images
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 def find_penalty_images(folder):
     folder = Path(folder).expanduser()
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = sorted(p for p in folder.rglob("*") if is_image_file(p)) if folder.is_dir() else []
     if not files:
         problem = "has no images" if folder.is_dir() else "does not exist"
         raise DatasetError(
