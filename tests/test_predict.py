@@ -169,7 +169,7 @@ def test_select_threshold_refuses_what_the_run_lacks():
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    ("weights", "no weights/last.safetensors or weights/best.safetensors"),
+    ("weights", "no weights/best.safetensors or weights/last.safetensors"),
     ("config", "no config.yaml"),
     ("status", "status 'failed'"),
     ("metrics", "no metrics.json"),
