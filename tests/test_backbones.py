@@ -271,3 +271,43 @@ def test_tool_lists_verifies_and_rejects_a_bad_download(tmp_path, monkeypatch, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet34-b627a593.pth"]
     assert tool.download(tmp_path, ["efficientnet_lite0"]) == 0
     assert (tmp_path / "efficientnet-lite0-57934424.pth").is_file()
+
+
+def test_backbone_configs_and_readme_agree_with_the_registry():
+    configs = {path.stem: path for path in (ROOT / "conf" / "backbone").glob("*.yaml")}
+    assert sorted(configs) == sorted(registry.BACKBONES)
+    for name, path in configs.items():
+        assert f"\nname: {name}\n" in path.read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| `([^`]+)`", (ROOT / "backbones" / "README.md").read_text(), re.MULTILINE)
+    assert sorted(rows) == sorted((entry["file"], name) for name, entry in registry.all_files())
+    assert ("bpe_simple_vocab_16e6.txt.gz", "clip_tokenizer") in rows
+
+
+def test_transform_takes_the_backbone_statistics_and_interpolation():
+    from omegaconf import OmegaConf
+
+    from defectvad.data.transforms import create_transform
+
+    settings = OmegaConf.create({"image_size": [8, 8], "center_crop": None, "mean": None, "std": None,
+                                 "interpolation": None})
+    resnet = registry.get_backbone("resnet18")
+    transform = create_transform(settings, "resnet18", True)
+    assert (transform.mean, transform.std, transform.interpolation) == (resnet.mean, resnet.std, "bilinear")
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    tensor, _ = transform(image)
+    assert torch.allclose(tensor[:, 0, 0], (torch.tensor([1.0, 0, 0]) - torch.tensor(resnet.mean)) / torch.tensor(resnet.std))
+    settings.mean, settings.std, settings.interpolation = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "bicubic"
+    tensor, _ = create_transform(settings, "resnet18", True)(image)
+    assert torch.allclose(tensor[:, 0, 0], torch.tensor([2.0, -2.0, -2.0]))
+    vit = create_transform(OmegaConf.create({"image_size": 8, "center_crop": None}), "dinov2_vits14", True)
+    assert vit.interpolation == "bicubic"
+
+
+def test_a_hub_folder_name_finds_the_file_the_backbone_keeps_there(tmp_path):
+    folder = tmp_path / "vit_base_patch16_plus_clip_240.laion400m_e31"
+    folder.mkdir()
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"x")
+    found = resolve_weights("clip_vit_b16_plus_240", tmp_path, folder.name)
+    assert found == folder / "open_clip_pytorch_model.bin"
+    (folder / "open_clip_model.safetensors").write_bytes(b"x")
+    assert resolve_weights("clip_vit_b16_plus_240", tmp_path, folder.name) == folder / "open_clip_model.safetensors"

@@ -10,7 +10,6 @@ CHECK_IMAGES = 3
 
 def export(args):
     from defectvad.atomic_files import atomic_write
-    from defectvad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from defectvad.errors import ExportError
     from defectvad.export.onnx_export import (TOLERANCE, add_metadata, compare_with_torch, describe_report,
                                               export_onnx, import_onnxruntime, within_tolerance)
@@ -28,13 +27,13 @@ def export(args):
             raise ExportError(f"{run.name} cannot be exported to ONNX faithfully: onnxruntime and PyTorch differ "
                               f"({differences}; allowed {TOLERANCE:g} relative); its inference holds Python control "
                               f"flow or data-dependent shapes that tracing cannot record")
-        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if run.normalize else None
+        normalize = {"mean": list(run.transform.mean), "std": list(run.transform.std)} if run.normalize else None
         add_metadata(tmp, {"model": run.record["run"].get("model"), "backbone": run.record["run"].get("backbone"),
                            "input_shape": run.image_shape, "input_range": "[0, 1] RGB, then normalised"
                            if normalize else "[0, 1] RGB", "normalize": normalize, "thresholds": run.thresholds,
                            "run_dir": str(run.run_dir)})
     shape = "x".join(str(n) for n in run.image_shape)
-    kind = "ImageNet-normalised " if run.normalize else ""
+    kind = "normalised " if run.normalize else ""
     print(f"wrote {out}: {kind}image (batch, {shape}) -> pred_score (batch,), anomaly_map (batch, 1, "
           f"{run.image_shape[1]}, {run.image_shape[2]})")
     print(f"onnxruntime vs PyTorch on {CHECK_IMAGES} images: {differences}")

@@ -75,10 +75,10 @@ def build_trainer(cfg, run_dir, device, weights_path):
 
 def build_data(cfg, trainer, dataset_name):
     from defectvad.data.loaders import create_dataloader
-    from defectvad.data.transforms import ImageTransform
+    from defectvad.data.transforms import create_transform
 
     normalize = trainer.normalize_input if cfg.transform.normalize is None else cfg.transform.normalize
-    transform = ImageTransform(cfg.transform.image_size, cfg.transform.center_crop, normalize)
+    transform = create_transform(cfg.transform, cfg.backbone.name, normalize)
     k_shot = resolve_k_shot(trainer, cfg.dataset.get("k_shot"))
     train_set, holdout_set = build_train_sets(cfg, transform, k_shot, trainer.learning_type != "zero_shot")
     test_set = instantiate(cfg.dataset, split="test", transform=transform, seed=cfg.seed)
@@ -201,7 +201,7 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
 def describe_validation(trainer, split, best_weights):
     stopping = trainer.early_stopping
     if split is None:
-        return {"split": None, "weights": "last", "note": "no early stopping (trainer.early_stopping.monitor=null)"}
+        return {"split": None, "weights": "last", "note": "no validation: early stopping is off or nothing is trained"}
     return {"split": split, "monitor": stopping.monitor, "mode": stopping.mode, "best": stopping.best,
             "epochs": trainer.current_epoch, "weights": "best" if best_weights else "last"}
 
@@ -252,10 +252,10 @@ def measure_run_efficiency(cfg, trainer, test_set, device, timing, resources):
 
 def save_run_images(cfg, folder, predictions, defect_types, thresholds):
     from defectvad.data.images import read_image
-    from defectvad.data.transforms import ImageTransform
+    from defectvad.data.transforms import create_transform
     from defectvad.visualization.run_images import write_run_images
 
-    display = ImageTransform(cfg.transform.image_size, cfg.transform.center_crop, False)
+    display = create_transform(cfg.transform, cfg.backbone.name, False)
     try:
         write_run_images(folder, predictions, defect_types, thresholds, lambda path: display(read_image(path))[0],
                          cfg.evaluation.images_per_type)

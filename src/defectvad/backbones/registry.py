@@ -6,7 +6,7 @@ from functools import partial
 import torchvision
 
 from defectvad.backbones.cait import CAIT_BUILDERS
-from defectvad.backbones.clip import CLIP, CLIP_BACKBONES
+from defectvad.backbones.clip import BPE_VOCAB, CLIP, CLIP_BACKBONES
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
 from defectvad.backbones.vit import VIT_BUILDERS, convert_dinov2_official
 from defectvad.errors import BackboneError
@@ -191,9 +191,13 @@ def get_backbone(name):
     return BACKBONES[name]
 
 
+# files the backbones need beside their weights, under a name of their own
+OTHER_FILES = [("clip_tokenizer", BPE_VOCAB)]
+
+
 def all_files():
-    # (backbone name, file entry) for every weight file, each backbone's default first
-    return [(backbone.name, entry) for backbone in BACKBONES.values() for entry in backbone.files]
+    # (backbone name, file entry) for every weight file, each backbone's default first, then the other files
+    return [(backbone.name, entry) for backbone in BACKBONES.values() for entry in backbone.files] + OTHER_FILES
 
 
 def files_for(name):

@@ -46,7 +46,9 @@ def resolve_weights(name, backbone_dir=None, file=None):
         wanted = supported
     for path in candidates:
         if path.is_dir():
-            path = path / "model.safetensors"
+            # a hub folder: the first of the backbone's files that lives in a folder of this name
+            inside = [Path(f).name for f in supported if Path(f).parent.name == path.name] or ["model.safetensors"]
+            path = next((path / name for name in inside if (path / name).is_file()), path / inside[0])
         if path.is_file():
             return path
     for f in wanted:

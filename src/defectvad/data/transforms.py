@@ -3,10 +3,10 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from defectvad.errors import DatasetError
+from defectvad.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, get_backbone
+from defectvad.errors import ConfigError, DatasetError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 def to_size_pair(size, name):
@@ -21,11 +21,26 @@ def to_size_pair(size, name):
     return pair
 
 
+def create_transform(settings, backbone, normalize):
+    # settings: the config's transform group; a null mean, std or interpolation takes the backbone's own
+    spec = get_backbone(backbone)
+    return ImageTransform(settings.image_size, settings.center_crop, normalize,
+                          settings.get("mean") or spec.mean, settings.get("std") or spec.std,
+                          settings.get("interpolation") or spec.interpolation)
+
+
 class ImageTransform:
-    def __init__(self, image_size=(256, 256), center_crop=None, normalize=True):
+    def __init__(self, image_size=(256, 256), center_crop=None, normalize=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation="bilinear"):
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"transform.interpolation must be one of: {', '.join(INTERPOLATIONS)}; "
+                              f"got {interpolation!r}")
         self.image_size = image_size
         self.center_crop = center_crop
         self.normalize = normalize
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.interpolation = interpolation
 
     def __call__(self, image, mask=None):
         size = to_size_pair(self.image_size, "image_size")
@@ -34,7 +49,7 @@ class ImageTransform:
             raise DatasetError(f"center_crop {crop} is larger than image_size {size}; make it smaller")
 
         image = F.pil_to_tensor(image.convert("RGB")).float() / 255.0
-        image = F.resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
+        image = F.resize(image, list(size), INTERPOLATIONS[self.interpolation], antialias=True)
         if mask is None:
             mask = torch.zeros(1, *size)
         else:
@@ -44,5 +59,5 @@ class ImageTransform:
             image = F.center_crop(image, list(crop))
             mask = F.center_crop(mask, list(crop))
         if self.normalize:
-            image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+            image = F.normalize(image, self.mean, self.std)
         return image, (mask > 0).float()

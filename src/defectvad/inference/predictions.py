@@ -6,7 +6,6 @@ import torch
 from torchvision.transforms import functional as F
 
 from defectvad.data.images import IMAGE_EXTENSIONS, is_image_file, read_image
-from defectvad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from defectvad.engine.devices import autocast
 from defectvad.errors import ConfigError, DatasetError
 
@@ -30,7 +29,7 @@ def find_images(source):
 def load_input(path, transform, normalize):
     # (picture in [0, 1] as the model sees it, model input); corrupt files raise DatasetError
     picture, _ = transform(read_image(path))
-    return picture, F.normalize(picture, IMAGENET_MEAN, IMAGENET_STD) if normalize else picture
+    return picture, F.normalize(picture, transform.mean, transform.std) if normalize else picture
 
 
 @torch.no_grad()

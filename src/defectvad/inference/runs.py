@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from defectvad.data.transforms import ImageTransform
+from defectvad.data.transforms import create_transform
 from defectvad.engine.checkpoints import load_weights
 from defectvad.engine.devices import resolve_device
 from defectvad.errors import ConfigError, DefectVADError
@@ -63,7 +63,7 @@ class TrainedRun:
         normalize = self.cfg.transform.normalize
         self.normalize = self.trainer.normalize_input if normalize is None else bool(normalize)
         # the picture as the model sees it before normalisation; normalisation is applied apart
-        self.transform = ImageTransform(list(self.cfg.transform.image_size), self.cfg.transform.center_crop, False)
+        self.transform = create_transform(self.cfg.transform, self.cfg.backbone.name, False)
         self.thresholds = self.record.get("thresholds")
         if not self.thresholds:
             raise ConfigError(f"{self.run_dir} was trained before thresholds were stored in metrics.json; "
