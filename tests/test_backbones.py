@@ -311,3 +311,31 @@ def test_a_hub_folder_name_finds_the_file_the_backbone_keeps_there(tmp_path):
     assert found == folder / "open_clip_pytorch_model.bin"
     (folder / "open_clip_model.safetensors").write_bytes(b"x")
     assert resolve_weights("clip_vit_b16_plus_240", tmp_path, folder.name) == folder / "open_clip_model.safetensors"
+
+
+def test_vit_layers_give_patch_maps_and_their_tokens():
+    extractor = FeatureExtractor("dinov2_vits14_reg4", ["blocks.1", "blocks.3"])
+    assert extractor.strides == {"blocks.1": 14, "blocks.3": 14} and extractor.out_dims == [384, 384]
+    assert len(extractor.feature_extractor.blocks) == 4
+    x = torch.randn(1, 3, 56, 70)
+    maps = extractor(x)
+    tokens = extractor.tokens(x)
+    assert maps["blocks.3"].shape == (1, 384, 4, 5)
+    assert tokens["blocks.3"]["registers"].shape == (1, 4, 384) and tokens["blocks.3"]["cls"].shape == (1, 384)
+    patches = tokens["blocks.3"]["patches"]
+    assert torch.allclose(maps["blocks.3"], patches.transpose(1, 2).reshape(1, 384, 4, 5))
+    with pytest.raises(BackboneError, match="unknown layer.*blocks.12.*blocks.0"):
+        FeatureExtractor("dinov2_vits14", ["blocks.12"])
+    assert registry.get_backbone("dinov2_vits14").stages == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+
+
+def test_any_module_path_of_a_cnn_is_a_layer():
+    extractor = FeatureExtractor("resnet18", ["layer2.0", "layer3"])
+    assert extractor.channels == {"layer2.0": 128, "layer3": 256} and extractor.strides == {"layer2.0": 8, "layer3": 16}
+    network = torchvision.models.resnet18(weights=None).eval()
+    network.load_state_dict({**network.state_dict(), **extractor.feature_extractor.state_dict()})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stem = network.maxpool(network.relu(network.bn1(network.conv1(x))))
+        expected = network.layer2[0](network.layer1(stem))
+    assert torch.allclose(extractor(x)["layer2.0"], expected, atol=1e-6)

@@ -123,6 +123,16 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             return self.extract(x)
 
+    def tokens(self, x):
+        # ViT and CLIP layers as tokens: "patches" (B, N, C) and the prefix tokens ("cls", "registers", "dist")
+        if self.family == "cnn":
+            raise BackboneError(f"{self.backbone} is a CNN: it has feature maps, not tokens")
+        with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
+            if not self.requires_grad:
+                self.feature_extractor.eval()
+            found = self.feature_extractor.forward_tokens(x, list(dict.fromkeys(self.paths.values())))
+        return {layer: found[path] for layer, path in self.paths.items()}
+
     def extract(self, x):
         if self.family != "cnn":
             found = self.feature_extractor.forward_layers(x, list(dict.fromkeys(self.paths.values())))
