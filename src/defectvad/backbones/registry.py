@@ -132,15 +132,15 @@ def vit(name, width, depth, patch, files, image_size):
                     interpolation="bicubic")
 
 
-def dinov2_files(name, timm_folder, width, sha256_prefix=None):
+def dinov2_files(name, timm_folder, width):
     # the official file (DINOv2 key names, converted) first, then timm's folder (timm's names as they are);
-    # sha256 prefixes: from third-party pin lists, Meta publishes none
+    # Meta publishes no hashes, so the files are checked by their tensors' shapes
     official = f"{name}_pretrain.pth"
     arch = name.replace("_reg4", "")
     patches = 1369 if "reg4" in name else 1370
     return [
         weight_file(official, "DINOv2 official release (LVD-142M)", f"{DINOV2_URL}{arch}/{official}",
-                    sha256_prefix=sha256_prefix, check={"patch_embed.proj.weight": (width, 3, 14, 14)},
+                    check={"patch_embed.proj.weight": (width, 3, 14, 14)},
                     convert=convert_dinov2_official),
         timm_file(timm_folder, f"timm {timm_folder} (DINOv2 weights, timm key names)",
                   check={"patch_embed.proj.weight": (width, 3, 14, 14), "pos_embed": (1, patches, width)}),
@@ -160,10 +160,8 @@ register(
     vit("cait_m48_448", 768, 48, 16, [
         timm_file("cait_m48_448.fb_dist_in1k", "timm cait_m48_448.fb_dist_in1k",
                   check={"pos_embed": (1, 784, 768), "blocks.47.gamma_1": (768,)})], 448),
-    vit("dinov2_vits14", 384, 12, 14, dinov2_files("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 384,
-                                                   "b938bf1b"), 518),
-    vit("dinov2_vitb14", 768, 12, 14, dinov2_files("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 768,
-                                                   "0b8b82f8"), 518),
+    vit("dinov2_vits14", 384, 12, 14, dinov2_files("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 384), 518),
+    vit("dinov2_vitb14", 768, 12, 14, dinov2_files("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 768), 518),
     vit("dinov2_vitl14", 1024, 24, 14, dinov2_files("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", 1024), 518),
     vit("dinov2_vits14_reg4", 384, 12, 14,
         dinov2_files("dinov2_vits14_reg4", "vit_small_patch14_reg4_dinov2.lvd142m", 384), 518),
