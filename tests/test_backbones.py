@@ -339,3 +339,13 @@ def test_any_module_path_of_a_cnn_is_a_layer():
         stem = network.maxpool(network.relu(network.bn1(network.conv1(x))))
         expected = network.layer2[0](network.layer1(stem))
     assert torch.allclose(extractor(x)["layer2.0"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [name for name, spec in registry.BACKBONES.items() if spec.family != "cnn"])
+def test_a_missing_vit_or_clip_file_names_file_folder_and_address(tmp_path, name):
+    entry = registry.get_backbone(name).files[0]
+    with pytest.raises(BackboneError) as error:
+        resolve_weights(name, tmp_path)
+    message = str(error.value)
+    assert entry["file"] in message and str(tmp_path) in message and entry["url"] in message
+    assert "\n" not in message
