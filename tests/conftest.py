@@ -1,5 +1,7 @@
 # tests/conftest.py
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,17 @@ def block_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def block_network_in_subprocesses():
+    # every Python process a test starts imports network_block/sitecustomize.py first (session scope: before the
+    # module fixtures that start src/run.py); -I, -E or -S in a child would skip it
+    folder = str(Path(__file__).resolve().parent / "network_block")
+    path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", path)
+        yield
 
 
 @pytest.fixture(scope="module")
