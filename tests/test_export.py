@@ -94,7 +94,7 @@ class BatchLoopModel(nn.Module):
 def test_a_model_that_cannot_be_exported_says_why(runs, tmp_path, capsys, monkeypatch):
     from defectvad.inference.runs import TrainedRun
 
-    trainer = type("Trainer", (), {"model": BatchLoopModel(), "normalize_input": True})()
+    trainer = type("Trainer", (), {"model": BatchLoopModel(), "normalize_input": True, "exportable": True})()
     monkeypatch.setattr(TrainedRun, "build_trainer", lambda self: trainer)
     out = tmp_path / "model.onnx"
     assert load_tool("export").main([str(runs["padim"]), "--out", str(out)]) == 1
@@ -102,3 +102,15 @@ def test_a_model_that_cannot_be_exported_says_why(runs, tmp_path, capsys, monkey
     assert "cannot be exported to ONNX" in error and "instead of" in error and "Traceback" not in error
     assert len(error.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # neither the file nor a temporary one is left
+
+
+def test_a_model_that_declares_itself_not_exportable_is_refused_before_tracing(runs, tmp_path, capsys, monkeypatch):
+    from defectvad.inference.runs import TrainedRun
+
+    trainer = type("Trainer", (), {"model": BatchLoopModel(), "normalize_input": True, "exportable": False})()
+    monkeypatch.setattr(TrainedRun, "build_trainer", lambda self: trainer)
+    out = tmp_path / "model.onnx"
+    assert load_tool("export").main([str(runs["padim"]), "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "cannot be exported to ONNX" in error and "exportable = False" in error and "Traceback" not in error
+    assert not list(tmp_path.iterdir())

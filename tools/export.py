@@ -17,6 +17,9 @@ def export(args):
 
     import_onnxruntime()
     run = TrainedRun(args.run_dir, "cpu")
+    if not run.trainer.exportable:
+        raise ExportError(f"{run.name} cannot be exported to ONNX: its traced graph keeps the batch size it was "
+                          f"traced with (the model declares exportable = False)")
     out = args.out or run.run_dir / "export" / "model.onnx"
     # traced with 2 images, checked with 3 others: a graph that kept the trace's batch size fails the check
     with atomic_write(out) as tmp:
