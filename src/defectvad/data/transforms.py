@@ -4,6 +4,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from defectvad.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, get_backbone
+from defectvad.data.images import image_to_tensor
 from defectvad.errors import ConfigError, DatasetError
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -48,7 +49,9 @@ class ImageTransform:
         if crop is not None and (crop[0] > size[0] or crop[1] > size[1]):
             raise DatasetError(f"center_crop {crop} is larger than image_size {size}; make it smaller")
 
-        image = F.pil_to_tensor(image.convert("RGB")).float() / 255.0
+        # read_image gives the float (3, H, W) tensor; a PIL image goes through the same conversion
+        if not torch.is_tensor(image):
+            image = image_to_tensor(image)
         image = F.resize(image, list(size), INTERPOLATIONS[self.interpolation], antialias=True)
         if mask is None:
             mask = torch.zeros(1, *size)
