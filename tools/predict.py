@@ -41,6 +41,10 @@ def predict(args):
     from defectvad.visualization.run_images import save_png
 
     run = TrainedRun(args.run_dir, args.device)
+    if args.max_image_pixels is not None:
+        from defectvad.data.images import check_max_image_pixels
+
+        run.max_image_pixels = check_max_image_pixels(args.max_image_pixels)
     set_threads(args.threads or run.cfg.hardware.threads)
     image_threshold, pixel_threshold, kind = select_threshold(run.thresholds, args.threshold)
     paths = find_images(args.images)
@@ -87,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="default: the run's loader.eval_batch_size")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU; default: the run's hardware.threads")
     parser.add_argument("--no-pictures", action="store_true", help="write predictions.csv only")
+    parser.add_argument("--max-image-pixels", type=int, help="read images up to this many pixels; default: the run's "
+                                                              "dataset.max_image_pixels (null: PIL's default limit)")
     args = parser.parse_args(argv)
     try:
         return predict(args)

@@ -256,8 +256,10 @@ def save_run_images(cfg, folder, predictions, defect_types, thresholds):
     from defectvad.visualization.run_images import write_run_images
 
     display = create_transform(cfg.transform, cfg.backbone.name, False)
+    max_pixels = cfg.dataset.get("max_image_pixels")
     try:
-        write_run_images(folder, predictions, defect_types, thresholds, lambda path: display(read_image(path))[0],
+        write_run_images(folder, predictions, defect_types, thresholds,
+                         lambda path: display(read_image(path, max_pixels))[0],
                          cfg.evaluation.images_per_type)
     except Exception as error:
         log.warning("pictures not written to %s: %s", folder, error)

@@ -4,9 +4,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from defectvad.data.images import read_image, read_mask
+from PIL import Image
+
+from defectvad.data.images import check_max_image_pixels, read_image, read_image_size, read_mask
 from defectvad.data.transforms import ImageTransform
-from defectvad.errors import DatasetError
+from defectvad.errors import ConfigError, DatasetError
 
 SPLITS = ("train", "test")
 
@@ -44,12 +46,34 @@ def select_k_shot(samples, k_shot, seed, where):
     return [samples[i] for i in picks]
 
 
+def has_same_aspect_ratio(size, other):
+    # the smaller size's sides, scaled from the larger's by either ratio, land within one of its pixels
+    (width, height), (other_width, other_height) = size, other
+    cross = abs(height * other_width - other_height * width)
+    return cross < max(width, other_width) and cross < max(height, other_height)
+
+
+def check_mask_size(mask_size, image_size, mask_path, image_path, resize_masks):
+    # (width, height) pairs; True when the mask must be resized to the image's size
+    if mask_size == image_size:
+        return False
+    sizes = (f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} pixels (width x height) but its image "
+             f"{image_path} is {image_size[0]}x{image_size[1]}")
+    if not has_same_aspect_ratio(mask_size, image_size):
+        raise DatasetError(f"{sizes}, another aspect ratio; give a mask of the image's size")
+    if not resize_masks:
+        raise DatasetError(f"{sizes}; give a mask of the image's size, or set dataset.resize_masks=true to "
+                           f"resize it (nearest neighbour, same aspect ratio)")
+    return True
+
+
 class AnomalyDataset(Dataset):
     CATEGORIES = ()
     NAME = "dataset"
     has_masks = True
 
-    def __init__(self, root, category, split, transform=None, k_shot=None, seed=0):
+    def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, max_image_pixels=None,
+                 resize_masks=False):
         if split not in SPLITS:
             raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
         self.root = Path(root)
@@ -58,6 +82,10 @@ class AnomalyDataset(Dataset):
         self.transform = ImageTransform() if transform is None else transform
         self.k_shot = k_shot
         self.seed = seed
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
+        if not isinstance(resize_masks, bool):
+            raise ConfigError(f"dataset.resize_masks must be true or false, got {resize_masks!r}")
+        self.resize_masks = resize_masks
         samples = sorted(self.collect_samples(), key=lambda s: s["image_path"])
         where = self.describe_location()
         if split == "train":
@@ -68,6 +96,7 @@ class AnomalyDataset(Dataset):
         if split == "train" and k_shot is not None:
             samples = select_k_shot(samples, k_shot, seed, where)
         self.samples = samples
+        self.check_mask_sizes()
 
     def collect_samples(self):
         raise NotImplementedError
@@ -75,13 +104,26 @@ class AnomalyDataset(Dataset):
     def describe_location(self):
         return str(self.root / str(self.category))
 
+    def check_mask_sizes(self):
+        # from the files' headers, so that a wrong mask stops the run before training
+        for sample in self.samples:
+            if sample["mask_path"] is not None:
+                check_mask_size(read_image_size(sample["mask_path"], "mask", self.max_image_pixels),
+                                read_image_size(sample["image_path"], "image", self.max_image_pixels),
+                                sample["mask_path"], sample["image_path"], self.resize_masks)
+
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         sample = self.samples[index]
-        image = read_image(sample["image_path"])
-        mask = None if sample["mask_path"] is None else read_mask(sample["mask_path"])
+        image = read_image(sample["image_path"], self.max_image_pixels)
+        mask = None
+        if sample["mask_path"] is not None:
+            mask = read_mask(sample["mask_path"], self.max_image_pixels)
+            image_size = (image.shape[2], image.shape[1])
+            if check_mask_size(mask.size, image_size, sample["mask_path"], sample["image_path"], self.resize_masks):
+                mask = mask.resize(image_size, Image.NEAREST)
         image, mask = self.transform(image, mask)
         return {
             "image": image,

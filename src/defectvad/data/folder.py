@@ -11,13 +11,13 @@ class FolderDataset(AnomalyDataset):
     NAME = "folder"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, normal_dir="good",
-                 abnormal_dir=None, mask_dir=None, normal_test_ratio=0.2):
+                 abnormal_dir=None, mask_dir=None, normal_test_ratio=0.2, max_image_pixels=None, resize_masks=False):
         self.normal_dir = normal_dir
         self.abnormal_dir = abnormal_dir
         self.mask_dir = mask_dir
         self.normal_test_ratio = normal_test_ratio
         self.has_masks = mask_dir is not None
-        super().__init__(root, category, split, transform, k_shot, seed)
+        super().__init__(root, category, split, transform, k_shot, seed, max_image_pixels, resize_masks)
 
     def describe_location(self):
         return str(self.resolve(self.normal_dir, "normal_dir"))

@@ -26,9 +26,9 @@ def find_images(source):
     return sorted(found)
 
 
-def load_input(path, transform, normalize):
+def load_input(path, transform, normalize, max_pixels=None):
     # (picture in [0, 1] as the model sees it, model input); corrupt files raise DatasetError
-    picture, _ = transform(read_image(path))
+    picture, _ = transform(read_image(path, max_pixels))
     return picture, F.normalize(picture, transform.mean, transform.std) if normalize else picture
 
 
@@ -52,7 +52,7 @@ def predict_files(run, paths, batch_size, skipped):
 
     for path in paths:
         try:
-            picture, model_input = load_input(path, run.transform, run.normalize)
+            picture, model_input = load_input(path, run.transform, run.normalize, run.max_image_pixels)
         except DatasetError as error:
             skipped.append((path, str(error)))
             continue

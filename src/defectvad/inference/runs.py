@@ -6,6 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from defectvad.data.images import check_max_image_pixels
 from defectvad.data.transforms import create_transform
 from defectvad.engine.checkpoints import load_weights
 from defectvad.engine.devices import resolve_device
@@ -64,6 +65,7 @@ class TrainedRun:
         self.normalize = self.trainer.normalize_input if normalize is None else bool(normalize)
         # the picture as the model sees it before normalisation; normalisation is applied apart
         self.transform = create_transform(self.cfg.transform, self.cfg.backbone.name, False)
+        self.max_image_pixels = check_max_image_pixels(self.cfg.dataset.get("max_image_pixels"))
         self.thresholds = self.record.get("thresholds")
         if not self.thresholds:
             raise ConfigError(f"{self.run_dir} was trained before thresholds were stored in metrics.json; "
