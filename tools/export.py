@@ -10,6 +10,7 @@ CHECK_IMAGES = 3
 
 def export(args):
     from defectvad.atomic_files import atomic_write
+    from defectvad.data.images import PIXEL_RULE
     from defectvad.errors import ExportError
     from defectvad.export.onnx_export import (TOLERANCE, add_metadata, compare_with_torch, describe_report,
                                               export_onnx, import_onnxruntime, within_tolerance)
@@ -32,8 +33,8 @@ def export(args):
                               f"flow or data-dependent shapes that tracing cannot record")
         normalize = {"mean": list(run.transform.mean), "std": list(run.transform.std)} if run.normalize else None
         add_metadata(tmp, {"model": run.record["run"].get("model"), "backbone": run.record["run"].get("backbone"),
-                           "input_shape": run.image_shape, "input_range": "[0, 1] RGB, then normalised"
-                           if normalize else "[0, 1] RGB", "normalize": normalize, "thresholds": run.thresholds,
+                           "input_shape": run.image_shape, "input_range": f"{PIXEL_RULE}, then normalised"
+                           if normalize else PIXEL_RULE, "normalize": normalize, "thresholds": run.thresholds,
                            "run_dir": str(run.run_dir)})
     shape = "x".join(str(n) for n in run.image_shape)
     kind = "normalised " if run.normalize else ""
