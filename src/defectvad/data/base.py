@@ -108,8 +108,8 @@ class AnomalyDataset(Dataset):
         # from the files' headers, so that a wrong mask stops the run before training
         for sample in self.samples:
             if sample["mask_path"] is not None:
-                check_mask_size(read_image_size(sample["mask_path"], "mask", self.max_image_pixels),
-                                read_image_size(sample["image_path"], "image", self.max_image_pixels),
+                image_size = read_image_size(sample["image_path"], "image", self.max_image_pixels)
+                check_mask_size(read_image_size(sample["mask_path"], "mask", self.max_image_pixels), image_size,
                                 sample["mask_path"], sample["image_path"], self.resize_masks)
 
     def __len__(self):
