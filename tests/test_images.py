@@ -193,3 +193,14 @@ def test_aspect_ratio_allows_one_pixel_of_rounding(tmp_path):
     dataset = folder_test_set(tmp_path, resize_masks=True)
     assert next(s for s in dataset if s["label"] == 1)["mask"].sum().item() > 0
     assert read_mask(tmp_path / "masks" / "b.png").size == (12, 8)
+
+
+def test_draem_textures_follow_the_same_rule(tmp_path):
+    from defectvad.components.textures import TextureFolder
+
+    for folder, image in (("a", Image.fromarray(COLOUR)), ("b", Image.fromarray(GREY.astype(np.uint16) * 257))):
+        (tmp_path / folder).mkdir()
+        image.save(tmp_path / folder / "t.png")
+    colour = TextureFolder(tmp_path / "a").sample(6, 5)
+    assert colour.dtype == torch.uint8 and torch.equal(colour, torch.from_numpy(COLOUR.transpose(2, 0, 1)))
+    assert torch.equal(TextureFolder(tmp_path / "b").sample(6, 5), torch.from_numpy(np.stack([GREY] * 3)))

@@ -3,12 +3,11 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from defectvad.components.perlin import generate_perlin_noise
-from defectvad.data.images import is_image_file
+from defectvad.data.images import is_image_file, read_image
 
 
 class TextureFolder:
@@ -22,8 +21,8 @@ class TextureFolder:
 
     def sample(self, height, width):
         path = self.files[int(torch.randint(len(self.files), (1,)))]
-        with Image.open(path) as image:
-            texture = TF.pil_to_tensor(image.convert("RGB"))
+        # by the datasets' pixel rule (16-bit textures keep their range), then 8 bits as anomalib's augmentation takes
+        texture = (255 * read_image(path)).round().to(torch.uint8)
         return TF.resize(texture, [height, width], InterpolationMode.BILINEAR, antialias=True)
 
 
