@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.backbones.registry import resolve_layers
+from defectvad.components.memory_banks import stack_and_clear
 from defectvad.components.multi_variate_gaussian import MultiVariateGaussian
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError
@@ -57,5 +58,4 @@ class PadimModel(nn.Module):
     def fit(self):
         if not self.memory_bank:
             raise ConfigError("PaDiM saw no training images; check the training set")
-        self.gaussian.fit(torch.vstack(self.memory_bank))
-        self.memory_bank = []
+        self.gaussian.fit(stack_and_clear(self.memory_bank))

@@ -7,6 +7,7 @@ from defectvad.backbones.feature_extractors import FeatureExtractor
 from defectvad.backbones.registry import resolve_layers
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.components.k_center_greedy import KCenterGreedy
+from defectvad.components.memory_banks import stack_and_clear
 from defectvad.components.nearest_neighbors import euclidean_dist, nearest_neighbors, squared_norms
 from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import ConfigError, TrainingError
@@ -64,8 +65,7 @@ class PatchcoreModel(DynamicBufferMixin):
         # features and start_index: a given projection and first centre, to compare with anomalib
         if not self.embedding_store:
             raise TrainingError("PatchCore saw no training images; check the training set")
-        embedding = torch.vstack(self.embedding_store)
-        self.embedding_store.clear()
+        embedding = stack_and_clear(self.embedding_store)
         sampler = KCenterGreedy(embedding, sampling_ratio, progress_bar=progress_bar)
         self.memory_bank = embedding[sampler.select_coreset_idxs(features, start_index)]
 
