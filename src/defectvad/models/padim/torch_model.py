@@ -49,11 +49,23 @@ class PadimModel(nn.Module):
         return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)
 
     def generate_embedding(self, features):
-        embeddings = features[self.layers[0]]
-        for layer in self.layers[1:]:
-            upsampled = F.interpolate(features[layer], size=embeddings.shape[-2:], mode="nearest")
-            embeddings = torch.cat((embeddings, upsampled), 1)
-        return torch.index_select(embeddings, 1, self.idx.to(embeddings.device))
+        # the kept channels (idx of the layers' concatenation) only: nearest upsampling copies values, so
+        # selecting them before upsampling gives the same embedding without the full concatenation
+        first = features[self.layers[0]]
+        idx = self.idx.to(first.device)
+        embeddings = first.new_empty((first.shape[0], len(idx), *first.shape[-2:]))
+        start = 0
+        for layer in self.layers:
+            feature = features[layer]
+            end = start + feature.shape[1]
+            kept = torch.nonzero((idx >= start) & (idx < end)).flatten()
+            if len(kept):
+                selected = torch.index_select(feature, 1, idx[kept] - start)
+                if selected.shape[-2:] != embeddings.shape[-2:]:
+                    selected = F.interpolate(selected, size=embeddings.shape[-2:], mode="nearest")
+                embeddings[:, kept] = selected
+            start = end
+        return embeddings
 
     def fit(self):
         if not self.memory_bank:
