@@ -8,11 +8,23 @@ from defectvad.errors import DefectVADError
 
 
 def save_weights(module, path):
-    # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
-    tensors = {name: value.detach().cpu().contiguous().clone() for name, value in module.state_dict().items()}
+    tensors = contiguous_unshared(module.state_dict())
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp))
     return Path(path)
+
+
+def contiguous_unshared(state):
+    # safetensors refuses shared or strided storage: a tensor is copied only when it is strided or its
+    # storage is already taken, so a large buffer (PaDiM's inverse covariances) is not held twice
+    tensors, storages = {}, set()
+    for name, value in state.items():
+        value = value.detach().cpu().contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
+    return tensors
 
 
 def load_weights(module, path):
