@@ -173,6 +173,21 @@ def test_batchnorm_recalibration_changes_only_running_statistics():
     assert int(student.bn1.num_batches_tracked) == 2  # one pass of two batches
 
 
+def test_recalibration_runs_before_each_validation_and_after_the_last_epoch():
+    assert StfpmTrainer(backbone="resnet18").recalibrate_batchnorm is False  # anomalib's behaviour
+    train_loader = DataLoader(StripesDataset(2, size=32), batch_size=2)
+    val_loader = DataLoader(StripesDataset(2, anomalous_every=2, size=32), batch_size=2)
+    calls = {}
+    for every, loader in ((1, None), (2, val_loader)):
+        torch.manual_seed(0)
+        trainer = StfpmTrainer(backbone="resnet18", recalibrate_batchnorm=True)
+        trainer.configure_engine(max_epochs=3, progress_bar=False, check_val_every_n_epoch=every)
+        epochs = calls[every] = []
+        trainer.recalibrate_student = lambda _, trainer=trainer, epochs=epochs: epochs.append(trainer.current_epoch + 1)
+        trainer.fit(train_loader, loader)
+    assert calls == {1: [3], 2: [2, 3]}
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
 def test_config_builds_a_working_trainer(backbone):
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "stfpm.yaml")

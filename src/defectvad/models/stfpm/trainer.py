@@ -14,7 +14,7 @@ class StfpmTrainer(BaseTrainer):
     trainer_arguments = {"max_epochs": 100, "gradient_clip_val": 0}
 
     def __init__(self, backbone="resnet18", layers=None, weights_path=None,
-                 lr=0.4, momentum=0.9, weight_decay=0.001, recalibrate_batchnorm=True):
+                 lr=0.4, momentum=0.9, weight_decay=0.001, recalibrate_batchnorm=False):
         super().__init__()
         self.model = StfpmModel(backbone=backbone, layers=layers, weights_path=weights_path)
         self.loss = StfpmLoss()
@@ -23,6 +23,7 @@ class StfpmTrainer(BaseTrainer):
         self.weight_decay = weight_decay
         self.recalibrate_batchnorm = recalibrate_batchnorm
         self.train_loader = None
+        self.val_loader = None
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.model.student_model.parameters(), lr=self.lr, momentum=self.momentum,
@@ -30,6 +31,7 @@ class StfpmTrainer(BaseTrainer):
 
     def fit(self, train_loader, val_loader=None):
         self.train_loader = train_loader
+        self.val_loader = val_loader
         return super().fit(train_loader, val_loader)
 
     def training_step(self, batch, batch_idx):
@@ -37,7 +39,11 @@ class StfpmTrainer(BaseTrainer):
         return {"loss": self.loss(teacher_features, student_features)}
 
     def on_train_epoch_end(self):
-        if self.recalibrate_batchnorm and self.train_loader is not None:
+        # the statistics matter only where the student is used: before a validation and after the last epoch
+        epoch = self.current_epoch + 1
+        validates = self.val_loader is not None and epoch % self.check_val_every_n_epoch == 0
+        last = epoch >= self.max_epochs or (self.max_steps is not None and self.global_step >= self.max_steps)
+        if self.recalibrate_batchnorm and self.train_loader is not None and (validates or last):
             self.recalibrate_student(self.train_loader)
 
     @torch.no_grad()
