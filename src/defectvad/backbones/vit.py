@@ -71,13 +71,14 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-def resample_timm(pos_embed, grid, new_grid, num_prefix_tokens):
-    # timm's resample_abs_pos_embed: bicubic to the new grid size, antialias on, prefix positions kept
+def resample_timm(pos_embed, grid, new_grid, num_prefix_tokens, antialias=True):
+    # timm's resample_abs_pos_embed: bicubic to the new grid size, antialias on (anomalib's TimmFeatureExtractor
+    # turns it off for ONNX), prefix positions kept
     if tuple(new_grid) == tuple(grid):
         return pos_embed
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     patches = patches.float().reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", antialias=True)
+    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", antialias=antialias)
     patches = patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=1)
 
@@ -115,7 +116,8 @@ def to_feature_map(patches, grid):
 
 class VisionTransformer(nn.Module):
     # no_embed_class: the position embedding covers only the patches (timm's layout of DINOv2 with registers);
-    # pos_embed_rule: "timm" (DeiT) or "dinov2" (DINOv2, with interpolate_offset / interpolate_antialias)
+    # pos_embed_rule: "timm" (DeiT), "dinov2" (DINOv2, with interpolate_offset / interpolate_antialias) or
+    # "timm_no_antialias" (timm's without antialias: DINOv2 as anomalib's TimmFeatureExtractor runs it)
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  num_classes=1000, distilled=False, reg_tokens=0, no_embed_class=False, init_values=None,
                  pos_embed_rule="timm", interpolate_offset=0.1, interpolate_antialias=False):
@@ -158,7 +160,7 @@ class VisionTransformer(nn.Module):
         if self.pos_embed_rule == "dinov2":
             return resample_dinov2(self.pos_embed, self.grid, grid, prefix, self.interpolate_offset,
                                    self.interpolate_antialias)
-        return resample_timm(self.pos_embed, self.grid, grid, prefix)
+        return resample_timm(self.pos_embed, self.grid, grid, prefix, antialias=self.pos_embed_rule == "timm")
 
     def prepare_tokens(self, images):
         x = self.patch_embed(images)
