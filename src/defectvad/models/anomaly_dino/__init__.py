@@ -1,0 +1,1 @@
+# src/defectvad/models/anomaly_dino/__init__.py
