@@ -7,9 +7,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.errors import BackboneError, ConfigError, DatasetError
 from defectvad.metrics.evaluation import compute_metrics
 from defectvad.models.efficient_ad.torch_model import EfficientAdModel, SmallPatchDescriptionNetwork
@@ -159,15 +159,21 @@ def test_maps_are_quantile_normalised_halves(fitted):
     assert torch.allclose(map_st[0, 0, 0], map_st[0, 0, 0, :1].expand(SIZE))
 
 
-def test_checkpoint_round_trip_gives_same_predictions(fitted):
-    trainer, _, predictions, folder = fitted
-    path = save_weights(trainer.model, folder / "round_trip.safetensors")
-    restored = load_weights(EfficientAdModel(teacher_out_channels=CHANNELS), path).eval()
-    assert (folder / "weights" / "last.safetensors").is_file()
+def test_raw_maps_are_squared_distances_to_the_teacher_and_the_autoencoder(fitted):
+    model = fitted[0].model.eval()
     image = make_images(2, True, 12)[0][1:]
     with torch.no_grad():
-        out = restored(image)
-    torch.testing.assert_close(out["anomaly_map"], predictions["anomaly_map"][3:], rtol=1e-5, atol=1e-6)
+        map_st, map_ae = model.get_maps(image, normalize=False)
+        teacher = (model.teacher(image) - model.mean_std["mean"]) / model.mean_std["std"]
+        student = model.student(image)
+        autoencoder = model.ae(image, image.shape[-2:])
+
+    def to_image(squared):
+        # channel mean, padded by 4 and resized to the image
+        return F.interpolate(F.pad(squared.mean(1, keepdim=True), (4, 4, 4, 4)), size=(SIZE, SIZE), mode="bilinear")
+
+    torch.testing.assert_close(map_st, to_image((teacher - student[:, :CHANNELS]) ** 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(map_ae, to_image((autoencoder - student[:, CHANNELS:]) ** 2), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_teacher_names_file_folder_and_download(tmp_path):

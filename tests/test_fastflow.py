@@ -6,11 +6,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from defectvad.components.all_in_one_block import AllInOneBlock
 from defectvad.components.sequence_inn import SequenceINN
-from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.errors import ConfigError
 from defectvad.metrics.auroc import auroc
 from defectvad.models.fastflow.anomaly_map import AnomalyMapGenerator
@@ -125,19 +125,20 @@ def test_loss_and_map_follow_the_formulas():
     expected = sum((0.5 * (h**2).sum(dim=(1, 2, 3)) - j).mean() for h, j in zip(hidden, jacobians))
     assert torch.allclose(FastflowLoss()(hidden, jacobians), expected)
     anomaly_map = AnomalyMapGenerator(input_size=(16, 16))(hidden)
-    assert anomaly_map.shape == (2, 1, 16, 16)
+    # minus the likelihood exp(-mean(h^2) / 2) of each position, resized and averaged over the blocks
+    expected_map = sum(F.interpolate(-torch.exp(-0.5 * (h**2).mean(1, keepdim=True)), size=(16, 16),
+                                     mode="bilinear", align_corners=False) for h in hidden) / len(hidden)
+    torch.testing.assert_close(anomaly_map, expected_map, rtol=1e-5, atol=1e-7)
     # zero hidden variables are the most likely: the map reaches its minimum, -1
     assert torch.allclose(AnomalyMapGenerator((8, 8))([torch.zeros(1, 4, 8, 8)]), -torch.ones(1, 1, 8, 8))
     assert anomaly_map.max() < 0 and anomaly_map.min() > -1
 
 
-def test_eval_output_contract_and_size_check():
+def test_score_is_the_map_maximum_and_the_size_is_checked():
     torch.manual_seed(0)
     model = FastflowModel(input_size=(64, 64), backbone="resnet18", flow_steps=2).eval()
     with torch.no_grad():
         outputs = model(torch.randn(3, 3, 64, 64))
-    assert outputs["pred_score"].shape == (3,)
-    assert outputs["anomaly_map"].shape == (3, 1, 64, 64)
     assert torch.equal(outputs["pred_score"], outputs["anomaly_map"].amax(dim=(-2, -1)).reshape(-1))
     model.train()
     hidden, jacobians = model(torch.randn(2, 3, 64, 64))
@@ -188,18 +189,6 @@ def test_fit_and_predict_separate_anomalies(fitted):
     assert auroc(predictions["anomaly_map"].flatten(), predictions["mask"].flatten()) >= 0.9
 
 
-def test_checkpoint_round_trip_gives_same_predictions(fitted, tmp_path):
-    trainer, test_loader, weights_dir = fitted
-    assert (weights_dir / "last.safetensors").is_file()
-    save_weights(trainer.model, tmp_path / "fastflow.safetensors")
-    torch.manual_seed(123)
-    fresh = FastflowTrainer(backbone="resnet18", input_size=(64, 64), flow_steps=2)
-    load_weights(fresh.model, tmp_path / "fastflow.safetensors")
-    expected, restored = trainer.predict(test_loader), fresh.predict(test_loader)
-    assert torch.equal(expected["pred_score"], restored["pred_score"])
-    assert torch.equal(expected["anomaly_map"], restored["anomaly_map"])
-
-
 def test_config_sizes_the_model_from_the_transform():
     overrides = ["model=fastflow", "backbone=efficientnet_lite0", "transform.image_size=[96,96]",
                  "transform.center_crop=[64,64]"]
@@ -211,7 +200,3 @@ def test_config_sizes_the_model_from_the_transform():
     assert trainer.model.input_size == (64, 64)
     # efficientnet_lite0 at strides 4, 8, 16: 24, 40 and 112 channels
     assert [tuple(norm.normalized_shape) for norm in trainer.model.norms] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
-    trainer.model.eval()
-    with torch.no_grad():
-        outputs = trainer.model(torch.randn(1, 3, 64, 64))
-    assert outputs["anomaly_map"].shape == (1, 1, 64, 64) and torch.isfinite(outputs["pred_score"]).all()

@@ -7,7 +7,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.errors import ConfigError, TrainingError
 from defectvad.metrics.auroc import auroc
 from defectvad.models.patchcore.torch_model import PatchcoreModel
@@ -66,17 +65,6 @@ def test_training_collects_patch_embeddings():
     assert len(model.embedding_store) == 1
 
 
-@pytest.mark.parametrize("backbone, channels", [("resnet18", 384), ("efficientnet_lite0", 152)])
-def test_output_contract(backbone, channels):
-    model = fitted_model(backbone)
-    assert model.memory_bank.shape == (int(3 * 64 * 0.25), channels)
-    output = model(torch.randn(2, 3, 64, 64))
-    assert set(output) == {"pred_score", "anomaly_map"}
-    assert output["pred_score"].shape == (2,)
-    assert output["anomaly_map"].shape == (2, 1, 64, 64)
-    assert torch.isfinite(output["anomaly_map"]).all() and (output["pred_score"] >= 0).all()
-
-
 def test_image_score_is_the_reweighted_largest_patch_distance():
     model = PatchcoreModel(backbone="resnet18", num_neighbors=2)
     model.memory_bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
@@ -121,18 +109,6 @@ def test_prediction_needs_a_memory_bank():
 def test_bad_settings_are_config_errors(arguments, message):
     with pytest.raises(ConfigError, match=message):
         PatchcoreTrainer(backbone="resnet18", **arguments)
-
-
-def test_state_dict_round_trip_gives_the_same_predictions(tmp_path):
-    model = fitted_model()
-    images = torch.randn(2, 3, 64, 64)
-    expected = model(images)
-    save_weights(model, tmp_path / "last.safetensors")
-    restored = load_weights(PatchcoreModel(backbone="resnet18"), tmp_path / "last.safetensors").eval()
-    assert restored.memory_bank.shape == model.memory_bank.shape
-    output = restored(images)
-    assert torch.equal(output["pred_score"], expected["pred_score"])
-    assert torch.equal(output["anomaly_map"], expected["anomaly_map"])
 
 
 def test_fit_and_predict_separate_anomalies():
