@@ -109,54 +109,6 @@ def predict(trainer, images):
     return trainer.model(images)
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("name", MODELS)
-def test_model_follows_the_contract(name, tmp_path):
-    cfg = compose_model(name, tmp_path)
-    size = cfg.transform.image_size[0]
-    trainer = build(cfg, tmp_path / "run")
-    test_set = stripes(trainer, TEST_IMAGES, anomalous_every=2, seed=1, size=size)
-    test_loader = loader(test_set, cfg.loader.eval_batch_size)
-    train_loader = loader(train_set_for(trainer, cfg, size), cfg.loader.train_batch_size, shuffle=True)
-    trainer.fit(train_loader, None)
-    trainer.prepare(test_loader)
-    assert trainer.current_epoch == (0 if trainer.learning_type == "zero_shot" else 1)
-
-    # evaluation: one typed result, score (B,) and map (B, 1, H, W) at the input size, finite floats
-    images = torch.stack([item["image"] for item in test_set.items])
-    outputs = predict(trainer, images)
-    assert type(outputs) is InferenceBatch
-    assert outputs.pred_score.shape == (TEST_IMAGES,)
-    assert outputs.anomaly_map.shape == (TEST_IMAGES, 1, size, size)
-    for value in (outputs.pred_score, outputs.anomaly_map):
-        assert value.dtype == torch.float32 and torch.isfinite(value).all()
-    predictions = trainer.predict(test_loader)
-    torch.testing.assert_close(predictions["pred_score"], outputs.pred_score, rtol=1e-5, atol=1e-6)
-
-    # saved weights hold the whole fitted model: a fresh trainer built from the config predicts the same
-    weights = save_weights(trainer.model, tmp_path / "weights.safetensors")
-    torch.manual_seed(1)
-    fresh = build_trainer(cfg, tmp_path / "fresh", "cpu", None)
-    load_weights(fresh.model, weights)
-    reloaded = predict(fresh, images)
-    torch.testing.assert_close(reloaded.pred_score, outputs.pred_score, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(reloaded.anomaly_map, outputs.anomaly_map, rtol=1e-5, atol=1e-6)
-
-    # ONNX, where the model says its evaluation is one graph with a free batch axis: traced on 2 images,
-    # run on 3 in onnxruntime and compared with PyTorch as tools/export.py does
-    if not trainer.exportable:
-        return
-    onnxruntime = pytest.importorskip("onnxruntime")
-    from defectvad.export.onnx_export import TOLERANCE, export_onnx
-
-    path = export_onnx(trainer.model, tmp_path / "model.onnx", images[:2], name)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    scores, maps = session.run(["pred_score", "anomaly_map"], {"image": images.numpy()})
-    for found, expected in ((scores, outputs.pred_score.numpy()), (maps, outputs.anomaly_map.numpy())):
-        # absolute up to 1, relative to the largest value above (the export tool's rule)
-        np.testing.assert_allclose(found, expected, rtol=0, atol=TOLERANCE * max(1.0, np.abs(expected).max()))
-
-
 def write_image(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -186,8 +138,9 @@ def write_contract_experiments(folder):
 
 
 @pytest.fixture(scope="module")
-def multirun(tmp_path_factory):
-    # every model config through src/run.py in one process, to pay the imports once
+def multirun_process(tmp_path_factory):
+    # every model config through src/run.py in one multirun, to pay the imports once; one experiment file per
+    # model carries its settings, since overrides on the command line would apply to every model
     workspace = tmp_path_factory.mktemp("contract")
     write_tiny_mvtec(workspace / "datasets" / "MVTecAD" / "bottle")
     write_contract_experiments(workspace / "conf")
@@ -198,27 +151,97 @@ def multirun(tmp_path_factory):
                f"hydra.searchpath=[file://{workspace / 'conf'}]", f"paths.dataset_dir={workspace / 'datasets'}",
                f"paths.backbone_dir={workspace / 'backbones'}", f"paths.output_dir={workspace / 'outputs'}",
                f"paths.multirun_dir={workspace / 'multirun'}", "sweep.name=contract"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    with open(workspace / "output.txt", "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    yield workspace, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def overlapping_multirun(request):
+    # the multirun takes the second core while the in-process checks run on the first
+    if any(item.originalname == "test_model_runs_end_to_end" for item in request.session.items):
+        request.getfixturevalue("multirun_process")
+
+
+@pytest.mark.usefixtures("single_thread", "overlapping_multirun")
+@pytest.mark.parametrize("name", MODELS)
+def test_model_follows_the_contract(name, tmp_path):
+    cfg = compose_model(name, tmp_path)
+    size = cfg.transform.image_size[0]
+    trainer = build(cfg, tmp_path / "run")
+    test_set = stripes(trainer, TEST_IMAGES, anomalous_every=2, seed=1, size=size)
+    test_loader = loader(test_set, cfg.loader.eval_batch_size)
+    train_loader = loader(train_set_for(trainer, cfg, size), cfg.loader.train_batch_size, shuffle=True)
+    trainer.fit(train_loader, None)
+    trainer.prepare(test_loader)
+    assert trainer.current_epoch == (0 if trainer.learning_type == "zero_shot" else 1)
+
+    # evaluation: one typed result, score (B,) and map (B, 1, H, W) at the input size, finite floats
+    images = torch.stack([item["image"] for item in test_set.items])
+    outputs = predict(trainer, images)
+    assert type(outputs) is InferenceBatch
+    assert outputs.pred_score.shape == (TEST_IMAGES,)
+    assert outputs.anomaly_map.shape == (TEST_IMAGES, 1, size, size)
+    for value in (outputs.pred_score, outputs.anomaly_map):
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+
+    # saved weights hold the whole fitted model: a fresh trainer built from the config predicts the same
+    weights = save_weights(trainer.model, tmp_path / "weights.safetensors")
+    torch.manual_seed(1)
+    fresh = build_trainer(cfg, tmp_path / "fresh", "cpu", None)
+    load_weights(fresh.model, weights)
+    reloaded = predict(fresh, images)
+    torch.testing.assert_close(reloaded.pred_score, outputs.pred_score, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reloaded.anomaly_map, outputs.anomaly_map, rtol=1e-5, atol=1e-6)
+
+    # ONNX, where the model says its evaluation is one graph with a free batch axis: traced on 2 images,
+    # run on 3 in onnxruntime and compared with PyTorch as tools/export.py does
+    if not trainer.exportable:
+        return
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from defectvad.export.onnx_export import TOLERANCE, export_onnx
+
+    path = export_onnx(trainer.model, tmp_path / "model.onnx", images[:2], name)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(["pred_score", "anomaly_map"], {"image": images.numpy()})
+    for found, expected in ((scores, outputs.pred_score.numpy()), (maps, outputs.anomaly_map.numpy())):
+        # absolute up to 1, relative to the largest value above (the export tool's rule)
+        np.testing.assert_allclose(found, expected, rtol=0, atol=TOLERANCE * max(1.0, np.abs(expected).max()))
+
+
+def read_records(sweep_dir):
     records = {}
-    for path in (workspace / "multirun" / "contract").glob("*/metrics.json"):
+    for path in sweep_dir.glob("*/metrics.json"):
         record = json.loads(path.read_text())
         records[record["run"]["model"]] = record
-    return result, records
+    return records
+
+
+@pytest.fixture(scope="module")
+def multirun(multirun_process):
+    workspace, process = multirun_process
+    process.wait(timeout=600)
+    output = (workspace / "output.txt").read_text()
+    return process.returncode, output, read_records(workspace / "multirun" / "contract")
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_runs_end_to_end(multirun, name):
-    result, records = multirun
-    assert name in records, result.stdout[-3000:] + result.stderr[-3000:]
+    returncode, output, records = multirun
+    assert name in records, output[-5000:]
     record = records[name]
     assert record["status"] == "ok", record.get("error")
     assert set(record["metrics"]) == METRIC_KEYS
     assert all(0.0 <= value <= 1.0 for value in record["metrics"].values()), record["metrics"]
     assert record["run"]["image_size"] == model_settings(name)["transform.image_size"]
     assert record["evaluation"]["test_images"] == 3
+    assert (record["evaluation"]["train_images"] == 0) == (record["evaluation"]["learning_type"] == "zero_shot")
 
 
 def test_the_multirun_ends_with_every_model_ok(multirun):
-    result, records = multirun
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    returncode, output, records = multirun
+    assert returncode == 0, output[-5000:]
     assert sorted(records) == MODELS
