@@ -2,25 +2,34 @@
 import json
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from defectvad.errors import OutputError, describe_output_error
 
 
 @contextmanager
 def atomic_write(path):
     # yields a temporary path in the target's folder; the finished file replaces the target in one rename,
     # so a reader sees the old file or the whole new one, and an error leaves the target untouched.
-    # The temporary name keeps the target's ending, which writers that pick the format by name need
+    # The temporary name keeps the target's ending, which writers that pick the format by name need.
+    # A disk that refuses the write (permission, read-only, full) gives an OutputError naming the path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        message = describe_output_error(error, path)
+        if message is None:
+            raise
+        raise OutputError(message) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text):

@@ -1,7 +1,7 @@
 # src/defectvad/engine/checkpoints.py
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from defectvad.atomic_files import atomic_write
 from defectvad.errors import DefectVADError
@@ -9,8 +9,9 @@ from defectvad.errors import DefectVADError
 
 def save_weights(module, path):
     tensors = contiguous_unshared(module.state_dict())
+    # serialised in memory and written by Python, so that a full or read-only disk raises an OSError
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(save(tensors))
     return Path(path)
 
 
