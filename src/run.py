@@ -15,12 +15,14 @@ from hydra.types import RunMode  # noqa: E402
 
 from defectvad.engine.signals import stop_on_sigterm  # noqa: E402
 from defectvad.experiment import run_experiment  # noqa: E402
+from defectvad.hydra_errors import explain_hydra_errors  # noqa: E402
 from defectvad.records import format_metrics_table  # noqa: E402
 from defectvad.sweeps.callbacks import prepare_sweeps  # noqa: E402
 from defectvad.sweeps.jobs import run_single_job, run_sweep_job  # noqa: E402
 
 log = logging.getLogger("defectvad")
 prepare_sweeps()
+explain_hydra_errors()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

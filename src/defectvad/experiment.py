@@ -39,18 +39,27 @@ def describe_run(cfg, run_dir, choices, overrides, repo_dir):
         "status": "running",
         "run": {
             "model": choices.get("model"), "backbone": cfg.backbone.name, "dataset": choices.get("dataset"),
-            "category": cfg.dataset.get("category"), "seed": cfg.seed, "image_size": list(cfg.transform.image_size),
+            "category": cfg.dataset.get("category"), "seed": cfg.seed,
+            "image_size": describe_size(cfg.transform.image_size),
             "overrides": overrides, "git_commit": read_git_commit(repo_dir), "run_dir": str(run_dir),
         },
     }
 
 
+def describe_size(size):
+    # as given (a bad value is recorded, then check_run names it); one integer is a square
+    size = OmegaConf.to_object(size) if OmegaConf.is_config(size) else size
+    return [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+
+
 def check_run(cfg):
     # cheap checks first: a missing weights file stops the run before any data or model work
     from defectvad.backbones.weights import resolve_weights, verify_weights
+    from defectvad.engine.config_checks import check_config
     from defectvad.engine.devices import check_precision, resolve_device, set_threads
     from defectvad.engine.seeding import seed_everything
 
+    check_config(cfg)
     device = resolve_device(cfg.hardware.accelerator)
     check_precision(cfg.hardware.precision)
     weights_path = None
