@@ -46,6 +46,8 @@ class BaseTrainer:
         self.scheduler = None
         self.validation_metrics = {}
         self.train_losses = []
+        # weights file name -> the epoch whose finite state it holds, as saved by this run
+        self.saved_weights = {}
 
     def configure_engine(self, device="cpu", precision="fp32", max_epochs=None, max_steps=None,
                          gradient_clip_val=None, check_val_every_n_epoch=1, early_stopping=None,
@@ -169,16 +171,38 @@ class BaseTrainer:
 
     def backward_and_step(self, loss):
         if not math.isfinite(loss.item()):
-            kept = "the last good weights are in weights/last.safetensors" if self.current_epoch > 0 else "no weights were saved"
             raise TrainingError(
-                f"the loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step}; "
-                f"training stopped ({kept}); try a lower learning rate or precision fp32"
+                f"the loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step + 1}; "
+                f"training stopped; {self.describe_saved_weights()}; try a lower learning rate or precision fp32"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip_val)
         self.optimizer.step()
+        self.check_updated_weights()
+
+    def check_updated_weights(self):
+        # an exploding gradient can give inf weights before the loss turns NaN: one norm per updated tensor,
+        # and the exact test only when a norm is not finite (a norm of huge finite values can overflow)
+        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        if not parameters or bool(torch.stack(torch._foreach_norm(parameters)).isfinite().all()):
+            return
+        names = find_non_finite(self.model.named_parameters())
+        if names:
+            raise TrainingError(
+                f"the weights became inf or NaN ({names[0]}) after the optimizer step at epoch "
+                f"{self.current_epoch + 1}, step {self.global_step + 1}; training stopped; "
+                f"{self.describe_saved_weights()}; try a lower learning rate, trainer.gradient_clip_val or "
+                f"precision fp32"
+            )
+
+    def describe_saved_weights(self):
+        # what this run has kept, for a message that stops training
+        if not self.saved_weights:
+            return "no weights were saved"
+        return "; ".join(f"{self.weights_dir / name} holds the finite weights of epoch {self.saved_weights[name]}"
+                         for name in ("last.safetensors", "best.safetensors") if name in self.saved_weights)
 
     def run_validation(self, val_loader):
         predictions = self.predict(val_loader, hooks=True)
@@ -232,8 +256,19 @@ class BaseTrainer:
         self.save_weights("last.safetensors")
 
     def save_weights(self, name):
-        if self.weights_dir is not None:
-            save_weights(self.model, self.weights_dir / name)
+        # only a finite state is written, so a file this run wrote always holds usable weights
+        if self.weights_dir is None:
+            return
+        names = find_non_finite(self.model.state_dict().items())
+        if names:
+            more = f" and {len(names) - 1} more tensors" if len(names) > 1 else ""
+            raise TrainingError(
+                f"the model's state after epoch {self.current_epoch + 1} holds inf or NaN ({names[0]}{more}), so it "
+                f"was not saved to {self.weights_dir / name}; {self.describe_saved_weights()}; try a lower learning "
+                f"rate or precision fp32"
+            )
+        save_weights(self.model, self.weights_dir / name)
+        self.saved_weights[name] = self.current_epoch + 1
 
     def move_batch(self, batch):
         return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
@@ -241,3 +276,9 @@ class BaseTrainer:
     def create_progress_bar(self, loader, description):
         disable = not sys.stderr.isatty() if self.progress_bar is None else not self.progress_bar
         return tqdm(loader, desc=description, leave=False, disable=disable, dynamic_ncols=True)
+
+
+def find_non_finite(named_tensors):
+    # names of the floating-point tensors that hold an inf or a NaN
+    return [name for name, value in named_tensors
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
