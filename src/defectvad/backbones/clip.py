@@ -94,13 +94,21 @@ class VisionTransformer(nn.Module):
             return self.positional_embedding
         return resize_position_embedding(self.positional_embedding, grid)
 
-    def embed(self, images):
+    def embed_tokens(self, images):
+        # the class token and the patch tokens with their position embeddings, before ln_pre
         x = self.conv1(images)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_embedding(grid).to(x.dtype)
-        return self.ln_pre(x)
+        return torch.cat([cls, x], dim=1) + self.position_embedding(grid).to(x.dtype)
+
+    def embed(self, images):
+        return self.ln_pre(self.embed_tokens(images))
+
+    def encode_tokens(self, tokens):
+        # ln_pre, the blocks and ln_post over any sequence of embedded tokens (WinCLIP: a window of patches
+        # behind the class token); the class token's output @ proj is the pooled embedding
+        return self.ln_post(self.transformer(self.ln_pre(tokens)))
 
     def forward(self, images):
         if self.proj is None:

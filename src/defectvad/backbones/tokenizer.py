@@ -77,7 +77,8 @@ def read_merges(path, limit=MERGES):
 class ClipTokenizer:
     def __init__(self, vocab_path, context_length=CONTEXT_LENGTH):
         self.byte_encoder = bytes_to_unicode()
-        merges = read_merges(vocab_path)
+        # no vocabulary file: bytes only, no merges (for random weights, where the ids carry no meaning)
+        merges = [] if vocab_path is None else read_merges(vocab_path)
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
         self.encoder = {token: index for index, token in enumerate(vocab)}
