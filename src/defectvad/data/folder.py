@@ -11,8 +11,11 @@ class FolderDataset(AnomalyDataset):
     NAME = "folder"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, normal_dir="good",
-                 abnormal_dir=None, mask_dir=None, normal_test_ratio=0.2, max_image_pixels=None, resize_masks=False):
+                 abnormal_dir=None, mask_dir=None, normal_test_ratio=0.2, max_image_pixels=None, resize_masks=False,
+                 object_name=None):
         self.normal_dir = normal_dir
+        # what the images show, for models that name it in text prompts (WinCLIP)
+        self.object_name = object_name
         self.abnormal_dir = abnormal_dir
         self.mask_dir = mask_dir
         self.normal_test_ratio = normal_test_ratio

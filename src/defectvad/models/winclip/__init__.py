@@ -1,0 +1,1 @@
+# src/defectvad/models/winclip/__init__.py
