@@ -34,7 +34,7 @@ def main(cfg):
     stop_on_sigterm()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # a run already ok is skipped, a failed one is recorded and the sweep goes on
-        record = run_sweep_job(experiment, run_dir, cfg.sweep.rerun)
+        record = run_sweep_job(partial(experiment, single=False), run_dir, cfg.sweep.rerun)
     else:
         record = run_single_job(experiment)
     if record is None:

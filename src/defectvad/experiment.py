@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from defectvad.atomic_files import write_text_atomic
 from defectvad.engine.resources import read_peak_memory
+from defectvad.engine.run_folders import clear_run_folder, lock_run_folder
 from defectvad.engine.run_record import keep_run_record
 from defectvad.errors import ConfigError
 from defectvad.records import METRIC_KEYS, read_git_commit
@@ -20,17 +21,22 @@ LEARNING_TYPES = ("one_class", "few_shot", "zero_shot")
 VALIDATION_SPLITS = {"test": "test (optimistic)", "holdout": "holdout (normal images + synthetic anomalies)"}
 
 
-def run_experiment(cfg, run_dir, choices, overrides, repo_dir):
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    with keep_run_record(run_dir / "metrics.json", describe_run(cfg, run_dir, choices, overrides, repo_dir)) as record:
-        device, weights_path = check_run(cfg)
-        trainer = build_trainer(cfg, run_dir, device, weights_path)
-        data = build_data(cfg, trainer, choices.get("dataset"))
-        fit_s, best_weights = fit_model(trainer, data)
-        predictions, metrics, thresholds, test_s = evaluate_model(cfg, trainer, data)
-        record.update(summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device,
-                                    {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)}, best_weights))
-        write_outputs(cfg, run_dir, trainer, data, predictions, record, device)
+def run_experiment(cfg, run_dir, choices, overrides, repo_dir, single=True):
+    # single: a single run, whose folder may hold an earlier run (a sweep's skip and rerun rules manage its own)
+    with lock_run_folder(run_dir):
+        if single:
+            clear_run_folder(run_dir, cfg.get("overwrite", False))
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        with keep_run_record(run_dir / "metrics.json", describe_run(cfg, run_dir, choices, overrides,
+                                                                    repo_dir)) as record:
+            device, weights_path = check_run(cfg)
+            trainer = build_trainer(cfg, run_dir, device, weights_path)
+            data = build_data(cfg, trainer, choices.get("dataset"))
+            fit_s, best_weights = fit_model(trainer, data)
+            predictions, metrics, thresholds, test_s = evaluate_model(cfg, trainer, data)
+            record.update(summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device,
+                                        {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)}, best_weights))
+            write_outputs(cfg, run_dir, trainer, data, predictions, record, device)
     return record
 
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 # a run's identity opens its folder name; its other overrides follow
 IDENTITY_KEYS = ("model", "backbone", "dataset", "dataset.category", "seed")
 # how a sweep is run and where it writes do not change what its runs compute
-SWEEP_OPTIONS = ("sweep.name", "sweep.resume", "sweep.rerun", "paths.output_dir", "paths.multirun_dir")
+SWEEP_OPTIONS = ("sweep.name", "sweep.resume", "sweep.rerun", "overwrite", "paths.output_dir", "paths.multirun_dir")
 DROPPED = str.maketrans("", "", "[]{}'\" ")
 UNSAFE = re.compile(r"[^\w.,=+~@-]", re.ASCII)
 MAX_NAME = 160

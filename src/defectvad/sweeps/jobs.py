@@ -48,8 +48,9 @@ def run_or_skip(experiment, run_dir, rerun):
     release_resources()
     try:
         return experiment()
-    except Exception:
-        error = (read_json(run_dir / "metrics.json") or {}).get("error")
+    except Exception as raised:
+        # a run folder locked by another run keeps that run's metrics.json: the message comes from the error
+        error = find_user_error(raised) or (read_json(run_dir / "metrics.json") or {}).get("error")
         log.error("failed %s: %s (traceback in metrics.json)", run_dir.name, error,
                   exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
         return None
