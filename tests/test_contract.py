@@ -59,6 +59,12 @@ MODEL_OVERRIDES = {
         "model.pretrained_teacher": False,
         "model.imagenet_dir": None,
     },
+    "winclip": {
+        # ViT-B-16-plus-240 takes about a minute on one core to encode its 231 prompts: a CLIP of a few layers
+        **{f"model.clip_architecture.{key}": value for key, value in dict(
+            embed_dim=16, vision_width=32, vision_layers=1, vision_head_width=16, text_width=32, text_heads=2,
+            text_layers=1).items()},
+    },
 }
 
 

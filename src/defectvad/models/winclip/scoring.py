@@ -31,8 +31,9 @@ def class_scores(embeddings, text_embeddings, temperature=1.0, target_class=None
 def harmonic_aggregation(window_scores, grid_size, masks):
     # (B, windows) -> (B, H, W): each patch gets the harmonic mean of the scores of the windows covering it
     height, width = grid_size
-    coverage = torch.zeros(height * width, masks.shape[1], dtype=torch.bool, device=masks.device)
-    coverage.scatter_(0, masks.long(), True)
+    # coverage (patches, windows): whether the window's mask lists the patch
+    patches = torch.arange(height * width, device=masks.device).view(-1, 1, 1)
+    coverage = (masks.unsqueeze(0) == patches).any(dim=1)
     # a zero score gives 1 / 0 = inf only where a window covers the patch, never times an uncovered zero
     inverse = torch.where(coverage, (1 / window_scores).unsqueeze(1), 0).sum(dim=-1)
     scores = coverage.sum(dim=1) / inverse

@@ -24,14 +24,15 @@ def clip_backbones():
 
 
 def load_clip(backbone, weights_path=None, architecture=None):
-    # architecture: sizes that replace the backbone's (random weights only: small CLIPs for tests)
+    # architecture: sizes that replace the backbone's where not None (random weights only: small CLIPs for tests)
+    architecture = {key: value for key, value in (architecture or {}).items() if value is not None}
     if get_backbone(backbone).family != "clip":
         raise ConfigError(f"WinCLIP runs on a CLIP backbone, not {backbone}: choose one of {', '.join(clip_backbones())} "
                           f"(anomalib's is {BACKBONE})")
     if architecture and weights_path is not None:
         raise ConfigError("model.clip_architecture replaces the CLIP's sizes, so no weights file fits it: "
                           "set backbone.pretrained=false")
-    clip = CLIP(**{**CLIP_BACKBONES[backbone]["architecture"], **(architecture or {})})
+    clip = CLIP(**{**CLIP_BACKBONES[backbone]["architecture"], **architecture})
     if weights_path is not None:
         state = load_state_dict(weights_path)
         _, entry = find_entry(weights_path)

@@ -24,6 +24,9 @@ class WinClipTrainer(OnePassTrainer):
     # anomalib's WinClip: nothing is trained; k_shot 0 or null is zero-shot, k_shot > 0 few-shot on that many
     # normal reference images (dataset.k_shot, picked by the seed)
     learning_type = "zero_shot"
+    # away from the backbone's own input size CLIP resizes its position embeddings with an antialiased bicubic,
+    # which ONNX lacks (at 240x240 the export is untested)
+    exportable = False
 
     def __init__(self, backbone=BACKBONE, weights_path=None, k_shot=0, scales=(2, 3), class_name=None,
                  object_words=False, backbone_dir=None, clip_architecture=None):
