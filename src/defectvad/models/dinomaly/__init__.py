@@ -1,0 +1,1 @@
+# src/defectvad/models/dinomaly/__init__.py
