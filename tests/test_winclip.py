@@ -183,3 +183,12 @@ def test_zero_shot_and_few_shot_scores_equal_independent_computations(tmp_path, 
     torch.testing.assert_close(outputs.pred_score, (image_scores + few_map.amax(dim=(1, 2))) / 2, rtol=1e-5, atol=1e-6)
     expected_map = F.interpolate(((zero_map + few_map) / 2).unsqueeze(1), size=(48, 48), mode="bilinear")
     torch.testing.assert_close(outputs.anomaly_map, expected_map, rtol=1e-5, atol=1e-6)
+
+
+def test_k_shot_zero_means_zero_shot_and_is_refused_where_images_are_needed(tmp_path):
+    from defectvad.experiment import resolve_k_shot
+
+    assert resolve_k_shot(tiny_trainer(tmp_path, k_shot=0), 0) is None
+    assert resolve_k_shot(tiny_trainer(tmp_path, k_shot=2), 2) == 2
+    with pytest.raises(ConfigError, match="one-class and needs training images: dataset.k_shot=0 leaves none"):
+        resolve_k_shot(SimpleNamespace(learning_type="one_class", default_k_shot=None), 0)

@@ -117,9 +117,12 @@ def resolve_k_shot(trainer, k_shot):
     # one-class: k_shot (null: every normal image); few-shot: k_shot or the model's default; zero-shot: none
     name = type(trainer).__name__
     if trainer.learning_type == "zero_shot":
-        if k_shot is not None:
+        if k_shot:
             log.warning("%s is zero-shot and uses no training images: dataset.k_shot=%s is ignored", name, k_shot)
         return None
+    if k_shot == 0:
+        raise ConfigError(f"{name} is {trainer.learning_type.replace('_', '-')} and needs training images: "
+                          f"dataset.k_shot=0 leaves none; set it to 1 or more, or null")
     if trainer.learning_type == "few_shot" and k_shot is None:
         if trainer.default_k_shot is None:
             raise ConfigError(f"{name} is a few-shot model: set dataset.k_shot to the number of normal reference "

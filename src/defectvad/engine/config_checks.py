@@ -57,7 +57,7 @@ RULES = (
     ("hardware.num_workers", integer_from(0), "an integer >= 0 (0: images are read in the main process)"),
     ("transform.image_size", size, SIZE),
     ("transform.center_crop", or_null(size), f"{SIZE}, or null for no crop"),
-    ("dataset.k_shot", or_null(integer_from(1)), "an integer >= 1, or null"),
+    ("dataset.k_shot", or_null(integer_from(0)), "an integer >= 0 (0: zero-shot), or null"),
     ("evaluation.holdout", integer_from(0), "an integer >= 0"),
     ("evaluation.normal_quantile", in_unit_interval, "a number in (0, 1]"),
     ("evaluation.aupro_fpr_limit", in_unit_interval, "a number in (0, 1]"),
