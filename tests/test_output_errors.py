@@ -34,8 +34,8 @@ def test_a_folder_under_a_file_names_the_file(tmp_path):
     target = blocking / "run" / "metrics.json"
     with pytest.raises(OutputError) as caught:
         write_text_atomic(target, "{}")
-    assert str(caught.value) == (f"cannot create the folder {target}: {blocking} is a file, not a folder; choose "
-                                 f"another folder (paths.output_dir, paths.multirun_dir or hydra.run.dir)")
+    assert str(caught.value) == (f"cannot write {target}: {blocking} is a file, not a folder; choose another "
+                                 f"folder (paths.output_dir, paths.multirun_dir or hydra.run.dir)")
     assert blocking.read_text() == "not a folder"
 
 

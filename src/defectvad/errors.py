@@ -60,8 +60,7 @@ def describe_output_error(error, path=None):
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
         blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
         if blocking is not None:
-            return (f"cannot create the folder {path}: {blocking} is a file, not a folder; "
-                    f"choose another folder{WHERE}")
+            return f"cannot write {path}: {blocking} is a file, not a folder; choose another folder{WHERE}"
     return None
 
 

@@ -7,7 +7,7 @@ import sys
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from defectvad.errors import describe_output_error
+from defectvad.errors import describe_output_error, find_user_error
 
 
 def describe_unknown_key(error):
@@ -33,7 +33,8 @@ def explain_errors(task):
     try:
         return task()
     except Exception as error:
-        message = describe_unknown_key(error) or describe_output_error(error)
+        # a sweep's own files (sweep.json) are written before any run, by its callback
+        message = describe_unknown_key(error) or describe_output_error(error) or find_user_error(error)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {message}", file=sys.stderr)

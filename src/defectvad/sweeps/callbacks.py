@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from defectvad.atomic_files import write_json_atomic
+from defectvad.errors import OutputError, report_user_error
 from defectvad.sweeps.folders import find_runs, read_json, register_resolvers, sweep_command
 
 log = logging.getLogger("defectvad.sweeps")
@@ -38,7 +39,11 @@ class SweepCallback(Callback):
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "launcher": config.hydra.runtime.choices.get("hydra/launcher"), "overrides": overrides,
         })
-        write_json_atomic(sweep_dir / "sweep.json", record)
+        try:
+            write_json_atomic(sweep_dir / "sweep.json", record)
+        except OutputError as error:
+            # nothing can be written there: one message before any run starts (Hydra warns on a callback's error)
+            sys.exit(report_user_error(error))
         done = sum(status == "ok" for _, status in self.before.values())
         log.info("%s sweep %s: %s runs, %d already ok", "resuming" if resumed else "starting", sweep_dir,
                  "?" if self.jobs is None else len(self.jobs), done)
