@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from defectvad.atomic_files import write_text_atomic
+from defectvad.engine.config_checks import check_config
 from defectvad.engine.resources import read_peak_memory
 from defectvad.engine.run_folders import clear_run_folder, lock_run_folder
 from defectvad.engine.run_record import keep_run_record
@@ -59,13 +60,13 @@ def describe_size(size):
 
 
 def check_run(cfg):
-    # cheap checks first: a missing weights file stops the run before any data or model work
+    # cheap checks first: a wrong setting (before torch is even imported) or a missing weights file stops the run
+    # before any data or model work
+    check_config(cfg)
     from defectvad.backbones.weights import resolve_weights, verify_weights
-    from defectvad.engine.config_checks import check_config
     from defectvad.engine.devices import check_precision, resolve_device, set_threads
     from defectvad.engine.seeding import seed_everything
 
-    check_config(cfg)
     device = resolve_device(cfg.hardware.accelerator)
     check_precision(cfg.hardware.precision)
     weights_path = None

@@ -97,6 +97,7 @@ def clear_run_folder(run_dir, overwrite):
         return None
     status = record.get("status") if isinstance(record, dict) else None
     if status == "ok" and not overwrite:
+        close_log_files(run_dir)
         finished = (record.get("run") or {}).get("finished")
         raise RunFolderError(f"the run folder {run_dir} already holds an ok run (finished {finished}); overwrite=true "
                              f"runs again and moves its outputs to {run_dir}/{PREVIOUS_PREFIX}<time>/, or choose "

@@ -28,7 +28,9 @@ def read_row(folder, path, record):
     run = record["run"]
     overrides = [str(override) for override in run.get("overrides") or []]
     row.update({key: run.get(key) for key in ("model", "backbone", "dataset", "started", "finished", "git_commit")})
-    row.update(category=str(run.get("category")), seed=run.get("seed"), overrides=tuple(extra_overrides(overrides)),
+    # a seed the run refused (seed=abc) is no seed
+    seed = run.get("seed") if isinstance(run.get("seed"), int) and not isinstance(run.get("seed"), bool) else None
+    row.update(category=str(run.get("category")), seed=seed, overrides=tuple(extra_overrides(overrides)),
                image_size="x".join(str(size) for size in run.get("image_size") or []))
     row.update(status=record.get("status"), error=record.get("error"))
     row.update({key: (record.get("metrics") or {}).get(key) for key in METRIC_KEYS})
