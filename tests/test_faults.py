@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +172,158 @@ def test_a_single_run_ends_with_one_message_and_leaves_written_files_alone(camer
     assert "is 24x24 pixels (width x height) but its image" in result.stdout + result.stderr
     assert_unchanged(written)
     assert json.loads((workspace / "single" / "metrics.json").read_text())["status"] == "failed"
+
+
+# settings, training, run folders and disks: padim or stfpm on a few 32x32 panels
+PANELS = ["dataset=folder", "dataset.abnormal_dir=bad", "dataset.mask_dir=masks", "transform.image_size=[32,32]"]
+# +fault=<name>: one wrong setting each, in a config group the test writes, so that one multirun holds them all
+# (name -> yaml, message); the command line sets neither threads nor image size, which a group cannot override
+FAULT_BASE = {"hardware": {"threads": 1}, "transform": {"image_size": [32, 32]}}
+FAULT_CLI = [option for option in SMALL + PANELS if option.split("=")[0] not in ("hardware.threads",
+                                                                                   "transform.image_size")]
+FAULTS = {
+    "seed_text": ("seed: abc", "seed=abc is not allowed: seed must be an integer >= 0"),
+    "seed_fraction": ("seed: 1.5", "seed=1.5 is not allowed: seed must be an integer >= 0"),
+    "no_epochs": ("trainer: {max_epochs: 0}", "trainer.max_epochs=0 is not allowed: trainer.max_epochs must be an "
+                  "integer >= 1, or null for the model's default (trainer.max_steps can end training earlier)"),
+    "no_steps": ("trainer: {max_steps: 0}", "trainer.max_steps=0 is not allowed: trainer.max_steps must be an "
+                 "integer >= 1, or null for no limit on steps"),
+    "train_batch": ("loader: {train_batch_size: 0}", "loader.train_batch_size=0 is not allowed: "
+                    "loader.train_batch_size must be an integer >= 1"),
+    "threads": ("hardware: {threads: -3}", "hardware.threads=-3 is not allowed: hardware.threads must be an "
+                "integer >= 1, or null for torch's default"),
+    "workers": ("hardware: {num_workers: -1}", "hardware.num_workers=-1 is not allowed: hardware.num_workers must "
+                "be an integer >= 0"),
+    "image_size": ("transform: {image_size: [0, 32]}", "transform.image_size=[0,32] is not allowed: "
+                   "transform.image_size must be a pair [height,width] of integers >= 1"),
+    "coreset": ("defaults:\n  - override /model: patchcore\nmodel: {coreset_sampling_ratio: 0}",
+                "model.coreset_sampling_ratio must be a number in (0, 1], got 0"),
+    # a learning rate that sends STFPM's weights to ~1e30: epoch 1 ends finite, the loss is NaN in epoch 2
+    "exploding": ("defaults:\n  - override /model: stfpm\nmodel: {lr: 1.0e+30}\ntrainer: {max_epochs: 3}",
+                  "the loss became nan at epoch 2, step 2; training stopped; "),
+}
+
+
+def write_panels(root):
+    rng = np.random.default_rng(1)
+    for folder in ("good", "bad", "masks"):
+        (root / folder).mkdir(parents=True)
+    for index in range(8):
+        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "good" / f"{index}.png")
+    for index in range(2):
+        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        image[4:12, 4:12], mask[4:12, 4:12] = 250, 255
+        Image.fromarray(image).save(root / "bad" / f"{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def panels_workspace(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("settings")
+    panels = write_panels(workspace / "panels")
+    for name, (text, _) in FAULTS.items():
+        path = workspace / "conf" / "fault" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# @package _global_\n{OmegaConf.to_yaml(OmegaConf.merge(FAULT_BASE, OmegaConf.create(text)))}")
+    return workspace, [*PANELS, f"dataset.root={panels}"]
+
+
+def test_each_wrong_setting_stops_its_run_with_one_message(panels_workspace):
+    workspace, panels = panels_workspace
+    written = snapshot(workspace)
+    command = [sys.executable, str(ROOT / "src" / "run.py"), "-m", f"paths.multirun_dir={workspace / 'multirun'}",
+               *FAULT_CLI, panels[-1], f"hydra.searchpath=[file://{workspace / 'conf'}]", "sweep.name=faults",
+               f"+fault={','.join(FAULTS)}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(workspace), timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert_unchanged(written)
+    records = {}
+    for path in (workspace / "multirun" / "faults").glob("*/metrics.json"):
+        record = json.loads(path.read_text())
+        fault = next(o for o in record["run"]["overrides"] if o.startswith("+fault=")).split("=")[1]
+        records[fault] = (path.parent, record)
+    assert sorted(records) == sorted(FAULTS)
+    for fault, (_, message) in FAULTS.items():
+        record = records[fault][1]
+        assert record["status"] == "failed" and message in record["error"], (fault, record["error"])
+        # the sweep logs each failed run once, with its message
+        assert output.count(record["error"]) == 1, (fault, output)
+    # the exploding run kept epoch 1, whose weights are finite, and says so
+    run_dir = records["exploding"][0]
+    weights = run_dir / "weights" / "last.safetensors"
+    assert f"{weights} holds the finite weights of epoch 1" in records["exploding"][1]["error"]
+    from safetensors.torch import load_file
+
+    assert all(bool(value.isfinite().all()) for value in load_file(weights).values())
+    assert sorted(path.name for path in weights.parent.iterdir()) == ["last.safetensors"]
+
+
+def test_a_misspelt_key_lists_the_keys_of_its_group(panels_workspace):
+    workspace, panels = panels_workspace
+    result = run_cli(workspace, *panels, "trainer.max_epoch=2", f"hydra.run.dir={workspace / 'misspelt'}")
+    assert_one_message(result, "error: unknown config key trainer.max_epoch (did you mean trainer.max_epochs?); "
+                               "the keys of trainer are: max_epochs, max_steps, gradient_clip_val, "
+                               "check_val_every_n_epoch, progress_bar, validation, early_stopping; to add a key that "
+                               "is not in the config, write +trainer.max_epoch=2")
+    assert not (workspace / "misspelt").exists()
+
+
+def test_an_output_folder_under_a_file_names_the_file(panels_workspace):
+    # tests run as root, where a read-only mode does not stop writes: a file where a folder must go does
+    workspace, panels = panels_workspace
+    blocking = workspace / "not_a_folder"
+    blocking.write_text("keep me")
+    single = run_cli(workspace, *panels, f"paths.output_dir={blocking / 'runs'}")
+    assert_one_message(single, f"is a file, not a folder; choose another folder (paths.output_dir, "
+                               f"paths.multirun_dir or hydra.run.dir)")
+    assert f"error: cannot write {blocking / 'runs'}/padim/folder_custom/" in single.stderr
+    sweep = run_cli(workspace, *panels, f"paths.multirun_dir={blocking / 'sweeps'}", "seed=1,2", multirun=True)
+    assert_one_message(sweep, f"error: cannot write {blocking / 'sweeps'}/")
+    assert f": {blocking} is a file, not a folder" in sweep.stderr
+    assert blocking.read_text() == "keep me"
+
+
+def test_one_folder_one_run_and_an_ok_run_is_kept(panels_workspace):
+    workspace, panels = panels_workspace
+    run_dir = workspace / "shared"
+    command = [sys.executable, str(ROOT / "src" / "run.py"), *SMALL, *panels, f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=environment(workspace))
+    try:
+        for _ in range(600):
+            if (run_dir / "run.lock").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        # the second run on the folder stops at once, naming the first
+        second = subprocess.run(command, capture_output=True, text=True, env=environment(workspace), timeout=300)
+        assert first.poll() is None, "the first run ended before the second started"
+        holder = json.loads((run_dir / "run.lock").read_text())
+        assert_one_message(second, f"error: the run folder {run_dir} is in use by process {first.pid} on "
+                                   f"{holder['host']} (started {holder['started']}; lock file {run_dir / 'run.lock'})")
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stdout + stderr
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["metrics"]["image_auroc"] >= 0
+    assert "in use" not in (run_dir / "run.log").read_text() and not (run_dir / "run.lock").exists()
+    # reused without overwrite: stops, and writes nothing
+    written = snapshot(run_dir)
+    again = run_cli(workspace, *panels, f"hydra.run.dir={run_dir}")
+    assert_one_message(again, f"error: the run folder {run_dir} already holds an ok run (finished "
+                              f"{record['run']['finished']}); overwrite=true runs again")
+    assert snapshot(run_dir) == written
+    # overwrite=true with a run that fails: the ok run's files move whole to previous-<time>/, none stays beside
+    replaced = run_cli(workspace, *panels, "seed=abc", "overwrite=true", f"hydra.run.dir={run_dir}")
+    assert_one_message(replaced, "error: seed=abc is not allowed: seed must be an integer >= 0")
+    previous = [path for path in run_dir.iterdir() if path.name.startswith("previous-")]
+    assert len(previous) == 1
+    assert snapshot(previous[0]) == {previous[0] / path.relative_to(run_dir): digest
+                                     for path, digest in written.items()}
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(["config.yaml", "metrics.json", "run.log",
+                                                                      previous[0].name])
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
