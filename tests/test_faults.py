@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -287,15 +288,26 @@ def test_an_output_folder_under_a_file_names_the_file(panels_workspace):
     assert blocking.read_text() == "keep me"
 
 
+def read_lock_pid(run_dir):
+    try:
+        return json.loads((run_dir / "run.lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_one_folder_one_run_and_an_ok_run_is_kept(panels_workspace):
     workspace, panels = panels_workspace
     run_dir = workspace / "shared"
+    # a lock left by a process that has ended (killed outright): the first run takes it over
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run_dir.mkdir()
+    (run_dir / "run.lock").write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname()}))
     command = [sys.executable, str(ROOT / "src" / "run.py"), *SMALL, *panels, f"hydra.run.dir={run_dir}"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=environment(workspace))
     try:
         for _ in range(600):
-            if (run_dir / "run.lock").exists() or first.poll() is not None:
+            if read_lock_pid(run_dir) == first.pid or first.poll() is not None:
                 break
             time.sleep(0.1)
         # the second run on the folder stops at once, naming the first
@@ -308,6 +320,8 @@ def test_one_folder_one_run_and_an_ok_run_is_kept(panels_workspace):
     finally:
         first.kill()
     assert first.returncode == 0, stdout + stderr
+    assert f"taking over {run_dir / 'run.lock'}: process {int(ended.stdout)} on {socket.gethostname()} has ended" in (
+        stdout + stderr)
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["image_auroc"] >= 0
     assert "in use" not in (run_dir / "run.log").read_text() and not (run_dir / "run.lock").exists()
