@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defectvad.backbones.clip import CLIP, CLIP_BACKBONES, ResidualAttentionBlock, resize_position_embedding
+from defectvad.backbones.clip import CLIP, CLIP_ARCHITECTURES, ResidualAttentionBlock, resize_position_embedding
+from defectvad.backbones.registry import get_backbone
 from defectvad.backbones.tokenizer import ClipTokenizer, bytes_to_unicode, load_tokenizer
 from defectvad.errors import BackboneError
 
@@ -79,8 +80,8 @@ def test_quick_gelu_for_openai_weights():
     x = torch.tensor([-1.0, 0.5, 2.0])
     expected = x * torch.sigmoid(1.702 * x)
     torch.testing.assert_close(model.transformer.resblocks[0].mlp.gelu(x), expected)
-    assert CLIP_BACKBONES["clip_vit_l14_336"]["architecture"]["quick_gelu"] is True
-    assert CLIP_BACKBONES["clip_vit_b16_plus_240"]["architecture"]["quick_gelu"] is False
+    assert CLIP_ARCHITECTURES["clip_vit_l14_336"]["quick_gelu"] is True
+    assert CLIP_ARCHITECTURES["clip_vit_b16_plus_240"]["quick_gelu"] is False
 
 
 def test_encode_text_reads_the_end_token(tiny_clip):
@@ -151,16 +152,16 @@ def test_position_embedding_interpolates_for_other_sizes(tiny_clip):
 def test_backbone_settings_match_the_architectures():
     for name, size, width, blocks, check_key in [("clip_vit_b16_plus_240", 240, 896, 12, "visual.positional_embedding"),
                                                  ("clip_vit_l14_336", 336, 1024, 24, "visual.positional_embedding")]:
-        settings = CLIP_BACKBONES[name]
+        spec = get_backbone(name)
         with torch.device("meta"):
-            model = CLIP(**settings["architecture"])
+            model = spec.build()
         state = model.state_dict()
-        assert settings["image_size"] == model.visual.image_size == size
-        assert settings["interpolation"] == "bicubic"
-        assert settings["mean"] == (0.48145466, 0.4578275, 0.40821073)
-        assert len(settings["layers"]) == blocks and settings["layers"][f"transformer.resblocks.{blocks - 1}"][0] == width
-        assert all(layer in settings["layers"] for layer in settings["stages"])
-        for entry in settings["files"]:
+        assert spec.image_size == model.visual.image_size == size
+        assert spec.interpolation == "bicubic"
+        assert spec.mean == (0.48145466, 0.4578275, 0.40821073)
+        assert len(spec.layers) == blocks and spec.layers[f"transformer.resblocks.{blocks - 1}"][0] == width
+        assert all(layer in spec.layers for layer in spec.stages)
+        for entry in spec.files:
             for key, shape in entry["check"].items():
                 assert tuple(state[key].shape) == tuple(shape)
             if entry["sha256"]:

@@ -190,71 +190,17 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
 
-HF_RESOLVE = "https://huggingface.co/timm/{}/resolve/main/{}"
-RELEASES = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/"
-
-
 def strip_module_prefix(state_dict):
     # open_clip's training checkpoints may carry DistributedDataParallel's "module." prefix
     return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def clip_file(file, source, url, sha256=None, sha256_prefix=None, check=None, convert=None):
-    return {"file": file, "source": source, "url": url, "sha256": sha256, "sha256_prefix": sha256_prefix,
-            "check": check or {}, "package": None, "convert": convert}
-
-
-def hub_file(folder, file, source, sha256=None, check=None):
-    return clip_file(f"{folder}/{file}", source, HF_RESOLVE.format(folder, file), sha256=sha256, check=check)
-
-
-B16_PLUS_240_HUB = "vit_base_patch16_plus_clip_240.laion400m_e31"
-L14_336_HUB = "vit_large_patch14_clip_336.openai"
-B16_PLUS_240_CHECK = {"visual.positional_embedding": (226, 896), "text_projection": (640, 640)}
-L14_336_CHECK = {"visual.positional_embedding": (577, 1024), "text_projection": (768, 768)}
-
-# ---- CLIP backbone settings, to be merged into registry.py ----
-# The OpenAI file ViT-L-14-336px.pt (sha256 3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02)
-# is a TorchScript archive: torch.load(weights_only=True) refuses it, so only the hub copies are listed.
-CLIP_BACKBONES = {
-    "clip_vit_b16_plus_240": dict(
-        architecture=dict(embed_dim=640, image_size=240, patch_size=16, vision_width=896, vision_layers=12,
-                          text_width=640, text_heads=10, text_layers=12, context_length=77, vocab_size=49408,
-                          quick_gelu=False),
-        layers={f"{BLOCK_PREFIX}{i}": (896, 16) for i in range(12)},
-        stages=[f"{BLOCK_PREFIX}{i}" for i in (2, 5, 8, 11)],
-        mean=OPENAI_MEAN, std=OPENAI_STD, image_size=240, interpolation="bicubic",
-        files=[
-            hub_file(B16_PLUS_240_HUB, "open_clip_model.safetensors",
-                     "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, what anomalib's WinCLIP loads)",
-                     sha256="f65b63daa30d38e9c4afe87ebd40140cee700cf0a1091711248f512f48706840",
-                     check=B16_PLUS_240_CHECK),
-            clip_file("vit_b_16_plus_240-laion400m_e31-8fb26589.pt", "open_clip release v0.2-weights, laion400m_e31",
-                      RELEASES + "vit_b_16_plus_240-laion400m_e31-8fb26589.pt",
-                      sha256="8fb26589b9a8bab2e7a683d280e48df89b8e742f3a82132707282620b36facba",
-                      sha256_prefix="8fb26589", convert=strip_module_prefix),
-            hub_file(B16_PLUS_240_HUB, "open_clip_pytorch_model.bin",
-                     "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, pickle)"),
-        ],
-    ),
-    "clip_vit_l14_336": dict(
-        architecture=dict(embed_dim=768, image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
-                          text_width=768, text_heads=12, text_layers=12, context_length=77, vocab_size=49408,
-                          quick_gelu=True),
-        layers={f"{BLOCK_PREFIX}{i}": (1024, 14) for i in range(24)},
-        stages=[f"{BLOCK_PREFIX}{i}" for i in (5, 11, 17, 23)],
-        mean=OPENAI_MEAN, std=OPENAI_STD, image_size=336, interpolation="bicubic",
-        files=[
-            hub_file(L14_336_HUB, "open_clip_model.safetensors", "OpenAI CLIP ViT-L/14@336px (open_clip hub copy)",
-                     check=L14_336_CHECK),
-            hub_file(L14_336_HUB, "open_clip_pytorch_model.bin", "OpenAI CLIP ViT-L/14@336px (open_clip hub copy, pickle)"),
-        ],
-    ),
+# the two published towers' sizes (open_clip's model configs); the registry builds them from these
+CLIP_ARCHITECTURES = {
+    "clip_vit_b16_plus_240": dict(embed_dim=640, image_size=240, patch_size=16, vision_width=896, vision_layers=12,
+                                  text_width=640, text_heads=10, text_layers=12, context_length=77, vocab_size=49408,
+                                  quick_gelu=False),
+    "clip_vit_l14_336": dict(embed_dim=768, image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
+                             text_width=768, text_heads=12, text_layers=12, context_length=77, vocab_size=49408,
+                             quick_gelu=True),
 }
-
-# The tokenizer's merges, shipped with OpenAI's CLIP and open_clip; read from the backbone folder.
-BPE_VOCAB = clip_file(
-    "bpe_simple_vocab_16e6.txt.gz", "CLIP byte-pair merges (OpenAI CLIP / open_clip package)",
-    "https://github.com/mlfoundations/open_clip/raw/main/src/open_clip/bpe_simple_vocab_16e6.txt.gz",
-    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
-)

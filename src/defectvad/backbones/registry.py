@@ -6,7 +6,7 @@ from functools import partial
 import torchvision
 
 from defectvad.backbones.cait import CAIT_BUILDERS
-from defectvad.backbones.clip import BPE_VOCAB, CLIP, CLIP_BACKBONES
+from defectvad.backbones.clip import BLOCK_PREFIX, CLIP, CLIP_ARCHITECTURES, OPENAI_MEAN, OPENAI_STD, strip_module_prefix
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
 from defectvad.backbones.vit import VIT_BUILDERS, convert_dinov2_official
 from defectvad.errors import BackboneError
@@ -172,15 +172,55 @@ register(
 )
 
 
-def clip(name):
+CLIP_HUB = "https://huggingface.co/timm/{}/resolve/main/{}"
+CLIP_RELEASES = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/"
+B16_PLUS_240_HUB = "vit_base_patch16_plus_clip_240.laion400m_e31"
+L14_336_HUB = "vit_large_patch14_clip_336.openai"
+
+
+def clip_hub_file(folder, file, source, sha256=None, check=None):
+    return weight_file(f"{folder}/{file}", source, CLIP_HUB.format(folder, file), sha256=sha256, check=check)
+
+
+def clip(name, stages, files):
     # the network is the whole CLIP (image and text towers); layers are blocks of its image tower "visual"
-    settings = CLIP_BACKBONES[name]
-    return Backbone(name, "clip", partial(CLIP, **settings["architecture"]), settings["layers"], settings["stages"],
-                    settings["files"], tower="visual", mean=settings["mean"], std=settings["std"],
-                    image_size=settings["image_size"], interpolation=settings["interpolation"])
+    architecture = CLIP_ARCHITECTURES[name]
+    width, patch = architecture["vision_width"], architecture["patch_size"]
+    layers = {f"{BLOCK_PREFIX}{i}": (width, patch) for i in range(architecture["vision_layers"])}
+    return Backbone(name, "clip", partial(CLIP, **architecture), layers, [f"{BLOCK_PREFIX}{i}" for i in stages], files,
+                    tower="visual", mean=OPENAI_MEAN, std=OPENAI_STD, image_size=architecture["image_size"],
+                    interpolation="bicubic")
 
 
-register(clip("clip_vit_b16_plus_240"), clip("clip_vit_l14_336"))
+# OpenAI's own ViT-L-14-336px.pt (sha256 3035c92b...) is a TorchScript archive, which torch.load(weights_only=True)
+# refuses, so only open_clip's hub copies are listed
+register(
+    clip("clip_vit_b16_plus_240", (2, 5, 8, 11), [
+        clip_hub_file(B16_PLUS_240_HUB, "open_clip_model.safetensors",
+                      "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, what anomalib's WinCLIP loads)",
+                      sha256="f65b63daa30d38e9c4afe87ebd40140cee700cf0a1091711248f512f48706840",
+                      check={"visual.positional_embedding": (226, 896), "text_projection": (640, 640)}),
+        weight_file("vit_b_16_plus_240-laion400m_e31-8fb26589.pt", "open_clip release v0.2-weights, laion400m_e31",
+                    CLIP_RELEASES + "vit_b_16_plus_240-laion400m_e31-8fb26589.pt",
+                    sha256="8fb26589b9a8bab2e7a683d280e48df89b8e742f3a82132707282620b36facba",
+                    sha256_prefix="8fb26589", convert=strip_module_prefix),
+        clip_hub_file(B16_PLUS_240_HUB, "open_clip_pytorch_model.bin",
+                      "open_clip ViT-B-16-plus-240 laion400m_e31 (hub copy, pickle)"),
+    ]),
+    clip("clip_vit_l14_336", (5, 11, 17, 23), [
+        clip_hub_file(L14_336_HUB, "open_clip_model.safetensors", "OpenAI CLIP ViT-L/14@336px (open_clip hub copy)",
+                      check={"visual.positional_embedding": (577, 1024), "text_projection": (768, 768)}),
+        clip_hub_file(L14_336_HUB, "open_clip_pytorch_model.bin",
+                      "OpenAI CLIP ViT-L/14@336px (open_clip hub copy, pickle)"),
+    ]),
+)
+
+# the CLIP tokenizer's merges, shipped with OpenAI's CLIP and open_clip; read from the backbone folder
+BPE_VOCAB = weight_file(
+    "bpe_simple_vocab_16e6.txt.gz", "CLIP byte-pair merges (OpenAI CLIP / open_clip package)",
+    "https://github.com/mlfoundations/open_clip/raw/main/src/open_clip/bpe_simple_vocab_16e6.txt.gz",
+    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+)
 
 
 def get_backbone(name):

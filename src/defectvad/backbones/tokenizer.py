@@ -7,7 +7,7 @@ import unicodedata
 
 import torch
 
-from defectvad.backbones.clip import BPE_VOCAB
+from defectvad.backbones.registry import BPE_VOCAB
 from defectvad.backbones.weights import backbone_folder, file_sha256
 from defectvad.errors import BackboneError
 

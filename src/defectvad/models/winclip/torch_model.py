@@ -5,7 +5,7 @@
 import torch
 from torch.nn import functional as F
 
-from defectvad.backbones.clip import CLIP, CLIP_BACKBONES
+from defectvad.backbones.clip import CLIP, CLIP_ARCHITECTURES
 from defectvad.backbones.registry import BACKBONES, find_entry, get_backbone
 from defectvad.backbones.weights import load_state_dict
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
@@ -32,7 +32,7 @@ def load_clip(backbone, weights_path=None, architecture=None):
     if architecture and weights_path is not None:
         raise ConfigError("model.clip_architecture replaces the CLIP's sizes, so no weights file fits it: "
                           "set backbone.pretrained=false")
-    clip = CLIP(**{**CLIP_BACKBONES[backbone]["architecture"], **architecture})
+    clip = CLIP(**{**CLIP_ARCHITECTURES[backbone], **architecture})
     if weights_path is not None:
         state = load_state_dict(weights_path)
         _, entry = find_entry(weights_path)
