@@ -12,10 +12,11 @@ from defectvad.sweeps.callbacks import prepare_sweeps
 ROOT = Path(__file__).resolve().parents[1]
 # key, the value as Hydra parses it, as it is typed, what is allowed
 BAD_VALUES = [
-    ("seed", "abc", "abc", "an integer >= 0"),
-    ("seed", 1.5, "1.5", "an integer >= 0"),
-    ("seed", -1, "-1", "an integer >= 0"),
-    ("seed", True, "true", "an integer >= 0"),
+    ("seed", "abc", "abc", "an integer from 0 to 4294967295"),
+    ("seed", 1.5, "1.5", "an integer from 0 to 4294967295"),
+    ("seed", -1, "-1", "an integer from 0 to 4294967295"),
+    ("seed", True, "true", "an integer from 0 to 4294967295"),
+    ("seed", 2**32, "4294967296", "an integer from 0 to 4294967295"),
     ("trainer.max_epochs", 0, "0", "an integer >= 1, or null for the model's default"),
     ("trainer.max_epochs", -1, "-1", "an integer >= 1, or null for the model's default"),
     ("trainer.max_steps", 0, "0", "an integer >= 1, or null for no limit on steps"),
@@ -47,7 +48,7 @@ def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(compose_config)
             check_config(bad)
         assert str(caught.value).startswith(f"{key}={typed} is not allowed: {key} must be {allowed}")
     # as the command line gives them
-    with pytest.raises(ConfigError, match=r"^seed=abc is not allowed: seed must be an integer >= 0$"):
+    with pytest.raises(ConfigError, match=r"^seed=abc is not allowed: seed must be an integer from 0 to 4294967295$"):
         check_config(compose_config("seed=abc"))
 
 

@@ -183,8 +183,9 @@ FAULT_BASE = {"hardware": {"threads": 1}, "transform": {"image_size": [32, 32]}}
 FAULT_CLI = [option for option in SMALL + PANELS if option.split("=")[0] not in ("hardware.threads",
                                                                                    "transform.image_size")]
 FAULTS = {
-    "seed_text": ("seed: abc", "seed=abc is not allowed: seed must be an integer >= 0"),
-    "seed_fraction": ("seed: 1.5", "seed=1.5 is not allowed: seed must be an integer >= 0"),
+    "seed_text": ("seed: abc", "seed=abc is not allowed: seed must be an integer from 0 to 4294967295"),
+    "seed_fraction": ("seed: 1.5", "seed=1.5 is not allowed: seed must be an integer from 0 to 4294967295"),
+    "seed_large": ("seed: 4294967296", "seed=4294967296 is not allowed"),
     "no_epochs": ("trainer: {max_epochs: 0}", "trainer.max_epochs=0 is not allowed: trainer.max_epochs must be an "
                   "integer >= 1, or null for the model's default (trainer.max_steps can end training earlier)"),
     "no_steps": ("trainer: {max_steps: 0}", "trainer.max_steps=0 is not allowed: trainer.max_steps must be an "
@@ -228,7 +229,8 @@ def panels_workspace(tmp_path_factory):
     for name, (text, _) in FAULTS.items():
         path = workspace / "conf" / "fault" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# @package _global_\n{OmegaConf.to_yaml(OmegaConf.merge(FAULT_BASE, OmegaConf.create(text)))}")
+        settings = OmegaConf.merge(FAULT_BASE, OmegaConf.create(text))
+        path.write_text(f"# @package _global_\n{OmegaConf.to_yaml(settings)}")
     return workspace, [*PANELS, f"dataset.root={panels}"]
 
 
@@ -333,7 +335,7 @@ def test_one_folder_one_run_and_an_ok_run_is_kept(panels_workspace):
     assert snapshot(run_dir) == written
     # overwrite=true with a run that fails: the ok run's files move whole to previous-<time>/, none stays beside
     replaced = run_cli(workspace, *panels, "seed=abc", "overwrite=true", f"hydra.run.dir={run_dir}")
-    assert_one_message(replaced, "error: seed=abc is not allowed: seed must be an integer >= 0")
+    assert_one_message(replaced, "error: seed=abc is not allowed: seed must be an integer from 0 to 4294967295")
     previous = [path for path in run_dir.iterdir() if path.name.startswith("previous-")]
     assert len(previous) == 1
     assert snapshot(previous[0]) == {previous[0] / path.relative_to(run_dir): digest

@@ -186,7 +186,8 @@ class BaseTrainer:
         # an exploding gradient can give inf weights before the loss turns NaN: one norm per updated tensor,
         # and the exact test only when a norm is not finite (a norm of huge finite values can overflow)
         parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
-        if not parameters or bool(torch.stack(torch._foreach_norm(parameters)).isfinite().all()):
+        norm = getattr(torch, "_foreach_norm", lambda tensors: [torch.linalg.vector_norm(t) for t in tensors])
+        if not parameters or bool(torch.stack(norm(parameters)).isfinite().all()):
             return
         names = find_non_finite(self.model.named_parameters())
         if names:

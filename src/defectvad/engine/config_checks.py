@@ -42,7 +42,8 @@ def size(value):
 
 SIZE = "a pair [height,width] of integers >= 1 (or one integer >= 1 for a square)"
 RULES = (
-    ("seed", integer_from(0), "an integer >= 0"),
+    # numpy's and Lightning's range of seeds
+    ("seed", lambda value: integer_from(0)(value) and value < 2**32, "an integer from 0 to 4294967295"),
     ("trainer.max_epochs", or_null(integer_from(1)),
      "an integer >= 1, or null for the model's default (trainer.max_steps can end training earlier)"),
     ("trainer.max_steps", or_null(integer_from(1)), "an integer >= 1, or null for no limit on steps"),
