@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectvad.backbones.vit import Mlp, PatchEmbed, block_index, resample_timm, to_feature_map
+from defectvad.backbones.vit import Mlp, PatchEmbed, block_index, resample_timm, run_blocks, to_feature_map
 
 
 class TalkingHeadAttention(nn.Module):
@@ -116,24 +116,12 @@ class Cait(nn.Module):
         grid = tuple(x.shape[-2:])
         return x.flatten(2).transpose(1, 2) + resample_timm(self.pos_embed, self.grid, grid, 0), grid
 
-    def run_blocks(self, images, layers):
-        depth = len(self.blocks)
-        wanted = {layer: block_index(layer, depth) for layer in layers}
-        x, grid = self.prepare_tokens(images)
-        outputs = {}
-        for i in range(max(wanted.values()) + 1):
-            x = self.blocks[i](x)
-            for layer, index in wanted.items():
-                if index == i:
-                    outputs[layer] = self.norm(x) if layer == "norm" else x
-        return outputs, grid
-
     def forward_tokens(self, images, layers):
-        outputs, _ = self.run_blocks(images, layers)
+        outputs, _ = run_blocks(self, images, layers)
         return {layer: {"patches": x} for layer, x in outputs.items()}
 
     def forward_layers(self, images, layers):
-        outputs, grid = self.run_blocks(images, layers)
+        outputs, grid = run_blocks(self, images, layers)
         return {layer: to_feature_map(x, grid) for layer, x in outputs.items()}
 
     def truncate(self, layers):

@@ -114,6 +114,20 @@ def to_feature_map(patches, grid):
     return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], grid[0], grid[1])
 
 
+def run_blocks(model, images, layers):
+    # the tokens after each wanted block ("norm": the final LayerNorm after the last block), up to the deepest one
+    depth = len(model.blocks)
+    wanted = {layer: block_index(layer, depth) for layer in layers}
+    x, grid = model.prepare_tokens(images)
+    outputs = {}
+    for i in range(max(wanted.values()) + 1):
+        x = model.blocks[i](x)
+        for layer, index in wanted.items():
+            if index == i:
+                outputs[layer] = model.norm(x) if layer == "norm" else x
+    return outputs, grid
+
+
 class VisionTransformer(nn.Module):
     # no_embed_class: the position embedding covers only the patches (timm's layout of DINOv2 with registers);
     # pos_embed_rule: "timm" (DeiT), "dinov2" (DINOv2, with interpolate_offset / interpolate_antialias) or
@@ -182,24 +196,12 @@ class VisionTransformer(nn.Module):
             tokens["registers"] = x[:, start:start + self.num_reg_tokens]
         return tokens
 
-    def run_blocks(self, images, layers):
-        depth = len(self.blocks)
-        wanted = {layer: block_index(layer, depth) for layer in layers}
-        x, grid = self.prepare_tokens(images)
-        outputs = {}
-        for i in range(max(wanted.values()) + 1):
-            x = self.blocks[i](x)
-            for layer, index in wanted.items():
-                if index == i:
-                    outputs[layer] = self.norm(x) if layer == "norm" else x
-        return outputs, grid
-
     def forward_tokens(self, images, layers):
-        outputs, _ = self.run_blocks(images, layers)
+        outputs, _ = run_blocks(self, images, layers)
         return {layer: self.split_tokens(x) for layer, x in outputs.items()}
 
     def forward_layers(self, images, layers):
-        outputs, grid = self.run_blocks(images, layers)
+        outputs, grid = run_blocks(self, images, layers)
         return {layer: to_feature_map(x[:, self.num_prefix_tokens:], grid) for layer, x in outputs.items()}
 
     def truncate(self, layers):
