@@ -21,6 +21,8 @@ from defectvad.sweeps.callbacks import prepare_sweeps  # noqa: E402
 from defectvad.sweeps.jobs import run_single_job, run_sweep_job  # noqa: E402
 
 log = logging.getLogger("defectvad")
+# a run.log on a full disk drops its lines instead of printing a traceback for each; the run's own message says why
+logging.raiseExceptions = False
 prepare_sweeps()
 explain_hydra_errors()
 
