@@ -25,8 +25,9 @@ def init_trainable_modules(modules):
 
 class DinomalyTrainer(BaseTrainer):
     # anomalib's trainer_arguments: gradient clipping 0.1 and no step count (Lightning would run 1000 epochs; its
-    # example config and benchmark: 5000 steps, experiment=dinomaly); 10 epochs keep a CPU demo to minutes
-    trainer_arguments = {"max_epochs": 10, "gradient_clip_val": 0.1}
+    # example config and benchmark: 5000 steps, experiment=dinomaly). One epoch: a ViT-B training step on 32 images
+    # takes minutes on a CPU, so this default is a smoke run
+    trainer_arguments = {"max_epochs": 1, "gradient_clip_val": 0.1}
 
     def __init__(self, backbone="dinov2_vitb14_reg4", weights_path=None, bottleneck_dropout=0.2, decoder_depth=8,
                  target_layers=None, fuse_layer_encoder=None, fuse_layer_decoder=None, remove_class_token=False,
