@@ -155,3 +155,29 @@ def test_checkpoint_round_trip_gives_same_predictions(tmp_path):
     with torch.no_grad():
         assert torch.equal(trainer.model(images)["anomaly_map"], loaded(images)["anomaly_map"])
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_saved_weights_read_back_exactly_with_the_safetensors_reader(tmp_path):
+    from safetensors.torch import load_file
+
+    from defectvad.engine.checkpoints import save_weights
+
+    module = torch.nn.Module()
+    tensors = {"f32": torch.randn(3, 4), "f64": torch.randn(5, dtype=torch.float64), "i64": torch.arange(7),
+               "bf16": torch.randn(2, 3).to(torch.bfloat16), "empty": torch.empty(0), "scalar": torch.tensor(3.0),
+               "flags": torch.tensor([True, False]), "strided": torch.randn(4, 6).t()}
+    for name, value in tensors.items():
+        module.register_buffer(name, value)
+    module.register_buffer("shared", module.f32)
+    loaded = load_file(str(save_weights(module, tmp_path / "w.safetensors")))
+    assert sorted(loaded) == sorted(module.state_dict())
+    for name, value in module.state_dict().items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value)
+
+
+def test_non_finite_tensors_are_found_without_missing_one():
+    from defectvad.engine.base_trainer import find_non_finite
+
+    named = [("ok", torch.tensor([1.0, 1e30])), ("nan", torch.tensor([0.0, float("nan")])),
+             ("inf", torch.tensor([-float("inf"), 0.0])), ("ints", torch.arange(3)), ("empty", torch.empty(0))]
+    assert find_non_finite(named) == ["nan", "inf"]

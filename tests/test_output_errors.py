@@ -14,12 +14,11 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     checkpoints.save_weights(torch.nn.Linear(2, 2), target)
     before = target.read_bytes()
 
-    def write_half_then_fill_the_disk(self, data):
-        with open(self, "wb") as handle:
-            handle.write(data[: len(data) // 2])
+    def write_half_then_fill_the_disk(out, tensors):
+        out.write(before[: len(before) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(type(target), "write_bytes", write_half_then_fill_the_disk)
+    monkeypatch.setattr(checkpoints, "write_safetensors", write_half_then_fill_the_disk)
     with pytest.raises(OutputError) as caught:
         checkpoints.save_weights(torch.nn.Linear(2, 2), target)
     assert str(caught.value) == (f"cannot write {target}: no space left on the device; free some space or choose a "

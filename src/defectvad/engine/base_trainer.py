@@ -280,6 +280,8 @@ class BaseTrainer:
 
 
 def find_non_finite(named_tensors):
-    # names of the floating-point tensors that hold an inf or a NaN
+    # names of the floating-point tensors that hold an inf or a NaN; the smallest and largest value carry both
+    # (a NaN propagates into them), so no mask the size of a tensor is made
     return [name for name, value in named_tensors
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+            if torch.is_tensor(value) and value.is_floating_point() and value.numel()
+            and not bool(torch.isfinite(torch.stack(torch.aminmax(value.detach()))).all())]

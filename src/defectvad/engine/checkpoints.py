@@ -1,18 +1,45 @@
 # src/defectvad/engine/checkpoints.py
 from pathlib import Path
 
-from safetensors.torch import load_file, save
+import json
+import struct
+
+import torch
+from safetensors.torch import load_file
 
 from defectvad.atomic_files import atomic_write
 from defectvad.errors import DefectVADError
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
 
 def save_weights(module, path):
     tensors = contiguous_unshared(module.state_dict())
-    # serialised in memory and written by Python, so that a full or read-only disk raises an OSError
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(save(tensors))
+    # the safetensors layout written by Python tensor by tensor: a full or read-only disk raises an OSError,
+    # and the file is never assembled in memory beside the model
+    with atomic_write(path) as tmp, open(tmp, "wb") as out:
+        write_safetensors(out, tensors)
     return Path(path)
+
+
+def write_safetensors(out, tensors):
+    # 8-byte little-endian header length, a JSON header (dtype, shape, byte range of each tensor) padded with
+    # spaces to a multiple of 8, then the tensors' bytes in header order
+    header, offset = {}, 0
+    for name, value in tensors.items():
+        size = value.numel() * value.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out.write(struct.pack("<Q", len(text)))
+    out.write(text)
+    for value in tensors.values():
+        if value.numel():
+            out.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
 
 
 def contiguous_unshared(state):
