@@ -343,3 +343,28 @@ def test_one_folder_one_run_and_an_ok_run_is_kept(panels_workspace):
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(["config.yaml", "metrics.json", "run.log",
                                                                       previous[0].name])
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    # a real full disk: a 1 MiB tmpfs (the suite runs as root; elsewhere the mount is refused and the test skips)
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_ends_with_one_message_naming_the_file(panels_workspace, small_disk):
+    # PaDiM's Gaussian (64 positions x 100 x 100 floats) does not fit beside the run's other files
+    workspace, panels = panels_workspace
+    run_dir = small_disk / "run"
+    result = run_cli(workspace, *panels, f"hydra.run.dir={run_dir}")
+    assert_one_message(result, "no space left on the device; free some space or choose a folder on another disk")
+    assert f"error: cannot write {run_dir / 'weights'}" in result.stdout + result.stderr
+    # no temporary file is left behind; what was written is whole
+    names = sorted(path.relative_to(run_dir).as_posix() for path in run_dir.rglob("*") if path.is_file())
+    assert not any(name.split("/")[-1].startswith(".") for name in names), names
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] in ("running", "failed")
