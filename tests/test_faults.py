@@ -281,8 +281,8 @@ def test_an_output_folder_under_a_file_names_the_file(panels_workspace):
     blocking = workspace / "not_a_folder"
     blocking.write_text("keep me")
     single = run_cli(workspace, *panels, f"paths.output_dir={blocking / 'runs'}")
-    assert_one_message(single, f"is a file, not a folder; choose another folder (paths.output_dir, "
-                               f"paths.multirun_dir or hydra.run.dir)")
+    assert_one_message(single, "is a file, not a folder; choose another folder (paths.output_dir, "
+                               "paths.multirun_dir or hydra.run.dir)")
     assert f"error: cannot write {blocking / 'runs'}/padim/folder_custom/" in single.stderr
     sweep = run_cli(workspace, *panels, f"paths.multirun_dir={blocking / 'sweeps'}", "seed=1,2", multirun=True)
     assert_one_message(sweep, f"error: cannot write {blocking / 'sweeps'}/")

@@ -40,3 +40,11 @@ def write_text_atomic(path, text):
 
 def write_json_atomic(path, payload):
     return write_text_atomic(path, json.dumps(payload, indent=2, default=str, allow_nan=True))
+
+
+def read_json(path):
+    # a JSON file written by write_json_atomic, or None when it is missing or unreadable
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

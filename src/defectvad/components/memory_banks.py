@@ -1,7 +1,4 @@
 # src/defectvad/components/memory_banks.py
-import torch
-
-
 def stack_and_clear(tensors):
     # torch.vstack of a list, emptying the list as it goes: the stacked copy and the list never both hold everything
     if not tensors:

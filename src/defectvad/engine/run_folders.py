@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from defectvad.atomic_files import read_json
 from defectvad.engine.run_record import now
 from defectvad.errors import ConfigError, OutputError, RunFolderError, describe_output_error
 
@@ -54,13 +55,6 @@ def create_lock(path, holder):
     with os.fdopen(handle, "w") as stream:
         stream.write(json.dumps(holder))
     return True
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_stale(holder):

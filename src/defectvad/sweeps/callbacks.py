@@ -7,9 +7,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from defectvad.atomic_files import write_json_atomic
+from defectvad.atomic_files import read_json, write_json_atomic
 from defectvad.errors import OutputError, report_user_error
-from defectvad.sweeps.folders import find_runs, read_json, register_resolvers, sweep_command
+from defectvad.sweeps.folders import find_runs, register_resolvers, sweep_command
 
 log = logging.getLogger("defectvad.sweeps")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

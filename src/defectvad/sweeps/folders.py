@@ -1,11 +1,12 @@
 # src/defectvad/sweeps/folders.py
 import hashlib
-import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from defectvad.atomic_files import read_json
 
 # a run's identity opens its folder name; its other overrides follow
 IDENTITY_KEYS = ("model", "backbone", "dataset", "dataset.category", "seed")
@@ -62,13 +63,6 @@ def register_resolvers():
     # the name is cached: resolved once where the sweep starts, Hydra copies the cache into every job's config
     OmegaConf.register_new_resolver("defectvad.sweep_name", find_sweep_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("defectvad.run_folder", run_folder_name, replace=True)
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def read_run_status(run_dir):

@@ -6,7 +6,8 @@ import sys
 from defectvad.engine.resources import release_resources
 from defectvad.engine.signals import Terminated
 from defectvad.errors import find_user_error
-from defectvad.sweeps.folders import read_json, read_run_status
+from defectvad.atomic_files import read_json
+from defectvad.sweeps.folders import read_run_status
 
 log = logging.getLogger("defectvad")
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defectvad.atomic_files import write_text_atomic
-from defectvad.sweeps.folders import read_json
+from defectvad.atomic_files import read_json, write_text_atomic
 from defectvad.sweeps.runs import IDENTITY, read_runs
 from defectvad.sweeps.tables import (COSTS, METRIC_NAMES, SUMMARY_METRICS, dataset_table, label_variants,
                                      order_categories, order_datasets, summary_table, table_csv)

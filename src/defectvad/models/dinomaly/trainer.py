@@ -1,5 +1,4 @@
 # src/defectvad/models/dinomaly/trainer.py
-import torch
 from torch import nn
 
 from defectvad.components.stable_adamw import StableAdamW
