@@ -200,3 +200,56 @@ def test_config_sizes_the_model_from_the_transform():
     assert trainer.model.input_size == (64, 64)
     # efficientnet_lite0 at strides 4, 8, 16: 24, 40 and 112 channels
     assert [tuple(norm.normalized_shape) for norm in trainer.model.norms] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
+
+
+def reference_transformer_map(model, images, prefix_tokens):
+    # the read block's output caught by a hook, then anomalib's steps written out: final norm, prefix tokens
+    # dropped, (B, N, C) -> (B, C, H / 16, W / 16)
+    network = model.feature_extractor
+    index = int(model.layers[0].split(".")[1])
+    caught, later = [], []
+    hooks = [network.blocks[index].register_forward_hook(lambda m, args, out: caught.append(out)),
+             network.blocks[index + 1].register_forward_hook(lambda m, args, out: later.append(out))]
+    try:
+        features = model.get_transformer_features(images)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens = network.norm(caught[0])[:, prefix_tokens:]
+    batch, _, channels = tokens.shape
+    expected = tokens.permute(0, 2, 1).reshape(batch, channels, images.shape[-2] // 16, images.shape[-1] // 16)
+    return features, expected, later
+
+
+@pytest.mark.parametrize("backbone, layer, prefix_tokens", [
+    ("deit_base_distilled_patch16_384", "blocks.7", 2),
+    # CaiT's patch tokens carry no class token; a small CaiT stands in for cait_m48_448 (block 40)
+    ("cait_s24_224", "blocks.2", 0),
+])
+def test_transformer_tokens_become_anomalib_s_map(monkeypatch, backbone, layer, prefix_tokens):
+    from defectvad.models.fastflow import torch_model
+    monkeypatch.setitem(torch_model.TRANSFORMER_BLOCKS, "cait_s24_224", "blocks.2")
+    assert torch_model.TRANSFORMER_BLOCKS["cait_m48_448"] == "blocks.40"
+    torch.manual_seed(0)
+    # a non-square input, so a swapped height and width would show
+    model = FastflowModel(input_size=(64, 32), backbone=backbone, flow_steps=2, hidden_ratio=0.05).eval()
+    assert model.layers == [layer] and model.norms is None
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        features, expected, later = reference_transformer_map(model, images, prefix_tokens)
+    assert features.shape == expected.shape == (2, model.feature_extractor.embed_dim, 4, 2)
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+    # the blocks after the read one are kept (anomalib's state dict holds them) but never run
+    assert not later
+    state = model.state_dict()
+    assert "feature_extractor.norm.weight" in state and not any(key.startswith("norms.") for key in state)
+    assert not any(key.startswith("feature_extractor.head") for key in state)
+    assert state["fast_flow_blocks.0.module_list.1.global_scale"].shape == (1, features.shape[1], 1, 1)
+    with torch.no_grad():
+        outputs = model(images)
+        hidden, _ = model.fast_flow_blocks[0](expected)
+    expected_map = F.interpolate(-torch.exp(-0.5 * (hidden**2).mean(1, keepdim=True)), size=(64, 32),
+                                 mode="bilinear", align_corners=False)
+    torch.testing.assert_close(outputs["anomaly_map"], expected_map, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        model(torch.randn(1, 3, 32, 32))
