@@ -46,11 +46,16 @@ def describe_run(cfg, run_dir, choices, overrides, repo_dir):
         "status": "running",
         "run": {
             "model": choices.get("model"), "backbone": cfg.backbone.name, "dataset": choices.get("dataset"),
-            "category": cfg.dataset.get("category"), "seed": cfg.seed,
+            "category": describe_category(cfg.dataset.get("category")), "seed": cfg.seed,
             "image_size": describe_size(cfg.transform.image_size),
             "overrides": overrides, "git_commit": read_git_commit(repo_dir), "run_dir": str(run_dir),
         },
     }
+
+
+def describe_category(category):
+    # one category, all, or a list of them (one model for several categories)
+    return OmegaConf.to_object(category) if OmegaConf.is_config(category) else category
 
 
 def describe_size(size):
@@ -90,6 +95,7 @@ def build_trainer(cfg, run_dir, device, weights_path):
 
 
 def build_data(cfg, trainer, dataset_name):
+    from defectvad.data.categories import build_dataset
     from defectvad.data.loaders import create_dataloader
     from defectvad.data.transforms import create_transform
 
@@ -97,7 +103,7 @@ def build_data(cfg, trainer, dataset_name):
     transform = create_transform(cfg.transform, cfg.backbone.name, normalize)
     k_shot = resolve_k_shot(trainer, cfg.dataset.get("k_shot"))
     train_set, holdout_set = build_train_sets(cfg, transform, k_shot, trainer.learning_type != "zero_shot")
-    test_set = instantiate(cfg.dataset, split="test", transform=transform, seed=cfg.seed)
+    test_set = build_dataset(cfg.dataset, split="test", transform=transform, seed=cfg.seed)
     validation_set, validation_split = build_validation_set(cfg, trainer, test_set, holdout_set)
     counts = {"train_images": 0 if train_set is None else len(train_set),
               "holdout_images": 0 if holdout_set is None else len(holdout_set), "test_images": len(test_set)}
@@ -138,13 +144,14 @@ def build_train_sets(cfg, transform, k_shot, learns):
     # (training set or None, held-out normal set or None); a zero-shot model builds no train split unless
     # normal images are held out for a threshold; the k reference images never include held-out ones
     from defectvad.data.base import select_k_shot
+    from defectvad.data.categories import build_dataset
     from defectvad.data.holdout import split_holdout
 
     holdout = cfg.evaluation.holdout
     if not learns and not holdout:
         return None, None
-    train_set = instantiate(cfg.dataset, split="train", transform=transform, seed=cfg.seed,
-                            k_shot=None if holdout else k_shot)
+    train_set = build_dataset(cfg.dataset, split="train", transform=transform, seed=cfg.seed,
+                              k_shot=None if holdout else k_shot)
     train_set, holdout_set = split_holdout(train_set, holdout, cfg.seed)
     if holdout and k_shot is not None:
         train_set.samples = select_k_shot(train_set.samples, k_shot, cfg.seed, train_set.describe_location())
@@ -188,9 +195,21 @@ def evaluate_model(cfg, trainer, data):
     masks = predictions["mask"][:, 0] if predictions["has_masks"] else None
     metrics = compute_metrics(predictions["pred_score"], predictions["label"], predictions["anomaly_map"][:, 0],
                               masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
+    if "category" in data["test_set"].samples[0]:
+        metrics = add_category_metrics(metrics, predictions, data["test_set"].samples, cfg.evaluation.aupro_fpr_limit)
     holdout = None if data["holdout"] is None else trainer.predict(data["holdout"])
     thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile)
     return predictions, metrics, thresholds, test_s
+
+
+def add_category_metrics(metrics, predictions, samples, fpr_limit):
+    # one model for several categories: metrics per category and their mean; the F1 thresholds stay those
+    # of all the test images together (one threshold for the model)
+    from defectvad.metrics.per_category import compute_category_metrics, mean_metrics
+
+    per_category = compute_category_metrics(predictions, samples, fpr_limit)
+    return {**metrics, **mean_metrics(per_category), "per_category": per_category,
+            "pooled": {key: metrics[key] for key in METRIC_KEYS}}
 
 
 def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, timing, best_weights):
@@ -198,6 +217,7 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
 
     return {
         "metrics": {key: metrics[key] for key in METRIC_KEYS},
+        **describe_categories(metrics),
         "thresholds": thresholds,
         "timing": timing,
         "resources": read_peak_memory(device),
@@ -217,6 +237,16 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
     }
 
 
+def describe_categories(metrics):
+    if "per_category" not in metrics:
+        return {}
+    return {"metrics_per_category": {name: {key: values[key] for key in METRIC_KEYS}
+                                     for name, values in metrics["per_category"].items()},
+            "metrics_pooled": metrics["pooled"],
+            "metrics_note": "one model for all these categories: metrics is the mean of metrics_per_category; "
+                            "metrics_pooled judges all test images together; thresholds are fit on all of them"}
+
+
 def describe_validation(trainer, split, best_weights):
     stopping = trainer.early_stopping
     if split is None:
@@ -230,22 +260,29 @@ def write_outputs(cfg, run_dir, trainer, data, predictions, record, device):
     defect_types = {sample["image_path"]: sample["defect_type"] for sample in data["test_set"].samples}
     defect_types = [defect_types.get(path, "unknown") for path in predictions["image_path"]]
     if cfg.evaluation.save_scores:
-        write_test_scores(run_dir / "test_scores.csv", predictions, defect_types, record["thresholds"])
+        categories = {sample["image_path"]: sample.get("category") for sample in data["test_set"].samples}
+        categories = [categories.get(path) for path in predictions["image_path"]]
+        write_test_scores(run_dir / "test_scores.csv", predictions, defect_types, record["thresholds"],
+                          categories if "metrics_per_category" in record else None)
     record["efficiency"] = measure_run_efficiency(cfg, trainer, data["test_set"], device, record["timing"],
                                                   record["resources"])
     if cfg.evaluation.save_images:
         save_run_images(cfg, run_dir / "images", predictions, defect_types, record["thresholds"])
 
 
-def write_test_scores(path, predictions, defect_types, thresholds):
-    # the score of every test image, so that a later prediction can be checked against the run
+def write_test_scores(path, predictions, defect_types, thresholds, categories=None):
+    # the score of every test image, so that a later prediction can be checked against the run; a run over
+    # several categories adds each image's category as the last column
     threshold = thresholds["f1_test"]["image"]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["image_path", "defect_type", "label", "pred_score", "predicted_f1_test"])
+    writer.writerow(["image_path", "defect_type", "label", "pred_score", "predicted_f1_test"]
+                    + (["category"] if categories else []))
     labels, scores = predictions["label"].tolist(), predictions["pred_score"].tolist()
-    for image_path, defect_type, label, score in zip(predictions["image_path"], defect_types, labels, scores):
-        writer.writerow([image_path, defect_type, int(label), repr(score), int(score >= threshold)])
+    for index, (image_path, defect_type, label, score) in enumerate(zip(predictions["image_path"], defect_types,
+                                                                          labels, scores)):
+        writer.writerow([image_path, defect_type, int(label), repr(score), int(score >= threshold)]
+                        + ([categories[index]] if categories else []))
     write_text_atomic(path, text.getvalue())
 
 

@@ -116,7 +116,9 @@ class AnomalyDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        sample = self.samples[index]
+        return self.load_sample(self.samples[index])
+
+    def load_sample(self, sample):
         image = read_image(sample["image_path"], self.max_image_pixels)
         mask = None
         if sample["mask_path"] is not None:
