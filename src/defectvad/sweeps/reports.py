@@ -7,12 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 from defectvad.atomic_files import read_json, write_text_atomic
-from defectvad.sweeps.runs import IDENTITY, read_runs
+from defectvad.sweeps.runs import IDENTITY, SETTING_EACH, read_runs
 from defectvad.sweeps.tables import (COSTS, METRIC_NAMES, SUMMARY_METRICS, dataset_table, label_variants,
                                      order_categories, order_datasets, summary_table, table_csv)
 
 LEGEND = ("Values: metric x 100, mean ± std over seeds where there are several. **Bold**: the best of two or more "
-          "models. –: no run. failed: no run ended ok. *: mean over fewer categories than the table has.")
+          "models. –: no run. failed: no run ended ok. *: mean over fewer categories than the table has. "
+          "A model named `one model for all categories` (or for a list) is one run trained on the union of those "
+          "categories and judged on each; every other model is one run per category.")
 
 
 def write_report(folders, out, metrics=SUMMARY_METRICS):
@@ -38,7 +40,7 @@ def write_report(folders, out, metrics=SUMMARY_METRICS):
     for dataset, table in tables.items():
         lines += [f"## {dataset}", "", *dataset_markdown(table, metrics), ""]
     write_text_atomic(out / "results.md", "\n".join(lines))
-    return {"runs": len(frame), "failed": int(failed_rows(frame).shape[0]), "missing": len(missing)}
+    return {"runs": frame["run_dir"].nunique(), "failed": int(failed_rows(frame).shape[0]), "missing": len(missing)}
 
 
 def join_overrides(overrides):
@@ -71,7 +73,8 @@ def find_missing(frame, folders):
     for dataset in order_datasets(rows["dataset"].dropna()):
         group = rows[rows["dataset"] == dataset]
         seen = set(zip(group["variant"], group["category"], group["seed"]))
-        for variant in group["variant"].unique():
+        # a model trained on several categories covers only its own
+        for variant in group.loc[group["setting"] == SETTING_EACH, "variant"].unique():
             for seed in sorted(group["seed"].dropna().unique()):
                 for category in order_categories(dataset, group["category"]):
                     if (variant, category, seed) not in seen:
@@ -81,10 +84,11 @@ def find_missing(frame, folders):
 
 def header_markdown(frame, folders, out, common, missing):
     failed, superseded = failed_rows(frame), frame[frame["superseded"]]
-    counts = frame.loc[~frame["superseded"], "status"].value_counts()
+    # a run over several categories has a row per category: counted once, by its folder
+    counts = frame.loc[~frame["superseded"]].drop_duplicates("run_dir")["status"].value_counts()
     lines = ["# Results", "", f"Sweep folders: {', '.join(f'`{folder}`' for folder in folders)}.",
-             f"{len(frame)} runs: " + ", ".join(f"{count} {status}" for status, count in counts.items())
-             + f", {len(superseded)} superseded; {len(missing)} missing.", "", LEGEND]
+             f"{frame['run_dir'].nunique()} runs: " + ", ".join(f"{count} {status}" for status, count in counts.items())
+             + f", {superseded['run_dir'].nunique()} superseded; {len(missing)} missing.", "", LEGEND]
     if common:
         lines += ["", "Overrides of every run: " + ", ".join(f"`{override}`" for override in common) + "."]
     lines.append("")

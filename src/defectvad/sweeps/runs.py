@@ -6,7 +6,9 @@ import pandas as pd
 from defectvad.records import METRIC_KEYS
 from defectvad.sweeps.folders import extra_overrides, find_runs
 
-IDENTITY = ["model", "backbone", "dataset", "category", "seed", "overrides"]
+SETTING_EACH = "one model per category"
+SETTING_ALL = "one model for all categories"
+IDENTITY = ["model", "backbone", "dataset", "category", "seed", "overrides", "setting"]
 COSTS = ["fit_s", "test_s", "peak_rss_mb", "peak_cuda_mb"]
 COLUMNS = ["sweep_dir", "run_dir", *IDENTITY, "image_size", "status", "error", *METRIC_KEYS, *COSTS, "device",
            "started", "finished", "git_commit"]
@@ -14,7 +16,8 @@ COLUMNS = ["sweep_dir", "run_dir", *IDENTITY, "image_size", "status", "error", *
 
 def read_runs(folders):
     # one row per metrics.json below the folders; superseded: a newer run of the same identity exists
-    rows = [read_row(Path(folder), path, record) for folder in folders for path, record in find_runs(folder)]
+    rows = [row for folder in folders for path, record in find_runs(folder)
+            for row in split_categories(read_row(Path(folder), path, record), record)]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["seed"] = frame["seed"].astype("Int64")
     frame["superseded"] = mark_superseded(frame)
@@ -30,7 +33,8 @@ def read_row(folder, path, record):
     row.update({key: run.get(key) for key in ("model", "backbone", "dataset", "started", "finished", "git_commit")})
     # a seed the run refused (seed=abc) is no seed
     seed = run.get("seed") if isinstance(run.get("seed"), int) and not isinstance(run.get("seed"), bool) else None
-    row.update(category=str(run.get("category")), seed=seed, overrides=tuple(extra_overrides(overrides)),
+    row.update(category=describe_category(run.get("category")), setting=describe_setting(run.get("category")),
+               seed=seed, overrides=tuple(extra_overrides(overrides)),
                image_size="x".join(str(size) for size in run.get("image_size") or []))
     row.update(status=record.get("status"), error=record.get("error"))
     row.update({key: (record.get("metrics") or {}).get(key) for key in METRIC_KEYS})
@@ -38,6 +42,28 @@ def read_row(folder, path, record):
     row.update({key: costs.get(key) for key in COSTS})
     row["device"] = (record.get("environment") or {}).get("device")
     return row
+
+
+def describe_category(category):
+    return ",".join(map(str, category)) if isinstance(category, list) else str(category)
+
+
+def describe_setting(category):
+    # one model per category, or one model trained on several categories (dataset.category=all or a list)
+    if category == "all":
+        return SETTING_ALL
+    if isinstance(category, list):
+        return f"one model for {', '.join(map(str, category))}"
+    return SETTING_EACH
+
+
+def split_categories(row, record):
+    # a run over several categories: one row per category, with that category's metrics
+    per_category = record.get("metrics_per_category") if isinstance(record, dict) else None
+    if row.get("status") != "ok" or not isinstance(per_category, dict):
+        return [row]
+    return [{**row, "category": str(name), **{key: (metrics or {}).get(key) for key in METRIC_KEYS}}
+            for name, metrics in per_category.items()]
 
 
 def mark_superseded(frame):

@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 
 from defectvad.records import METRIC_KEYS
+from defectvad.sweeps.runs import SETTING_EACH
 
 METRIC_NAMES = dict(zip(METRIC_KEYS, ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")))
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "mad")
@@ -41,9 +42,11 @@ def label_variants(frame):
     keys = {}
     for index, row in readable.iterrows():
         extras = tuple(override for override in row["overrides"] if override not in common)
-        keys[index] = (row["model"], row["backbone"] if several_backbones else "", extras)
-    labels = {key: " · ".join(filter(None, [key[0], key[1], " ".join(key[2])])) for key in keys.values()}
-    order = [labels[key] for key in sorted(set(keys.values()), key=lambda key: (str(key[0]), str(key[1]), key[2]))]
+        # a model trained on several categories is named by its setting: never mixed with one-per-category runs
+        setting = "" if row["setting"] in (SETTING_EACH, None) or pd.isna(row["setting"]) else row["setting"]
+        keys[index] = (row["model"], row["backbone"] if several_backbones else "", extras, setting)
+    labels = {key: " · ".join(filter(None, [key[0], key[1], " ".join(key[2]), key[3]])) for key in keys.values()}
+    order = [labels[key] for key in sorted(set(keys.values()), key=lambda key: (str(key[0]), str(key[1]), *key[2:]))]
     return pd.Series({index: labels[key] for index, key in keys.items()}, dtype=object), order, sorted(common)
 
 
@@ -85,7 +88,7 @@ def summary_table(frame, tables):
                          & (frame["status"] == "ok")]
             row = {metric: table["mean"].loc["mean", (variant, metric)] for metric in SUMMARY_METRICS}
             row.update({key: runs[key].agg(COSTS[key][1]) for key in costs})
-            row["runs"] = len(runs)
+            row["runs"] = runs["run_dir"].nunique()  # a run over several categories has a row per category
             rows.append(row)
             stds.append({metric: table["std"].loc["mean", (variant, metric)] for metric in SUMMARY_METRICS})
             states.append(table["state"].loc["mean", variant])
