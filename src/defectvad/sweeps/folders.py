@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from defectvad.atomic_files import read_json
 
 # a run's identity opens its folder name; its other overrides follow
-IDENTITY_KEYS = ("model", "backbone", "dataset", "dataset.category", "seed")
+IDENTITY_KEYS = ("model", "backbone", "dataset", "dataset.category", "dataset.k_shot", "seed")
 # how a sweep is run and where it writes do not change what its runs compute
 SWEEP_OPTIONS = ("sweep.name", "sweep.resume", "sweep.rerun", "overwrite", "paths.output_dir", "paths.multirun_dir")
 DROPPED = str.maketrans("", "", "[]{}'\" ")
@@ -37,8 +37,10 @@ def extra_overrides(overrides):
     return [o for o in run_key(overrides) if option_key(o) not in IDENTITY_KEYS]
 
 
-def run_folder_name(choices, overrides, category, seed):
-    parts = [choices.get("model"), choices.get("backbone"), choices.get("dataset"), category, f"seed{seed}"]
+def run_folder_name(choices, overrides, category, seed, k_shot=None):
+    # k<N>: the number of training images (dataset.k_shot); none when the run takes all of them
+    shots = [] if k_shot is None else [f"k{k_shot}"]
+    parts = [choices.get("model"), choices.get("backbone"), choices.get("dataset"), category, *shots, f"seed{seed}"]
     raw = "-".join([str(part) for part in parts] + extra_overrides(overrides)).translate(DROPPED)
     name = UNSAFE.sub("_", raw)
     if name != raw or len(name) > MAX_NAME:

@@ -9,10 +9,11 @@ import pandas as pd
 from defectvad.atomic_files import read_json, write_text_atomic
 from defectvad.sweeps.runs import IDENTITY, SETTING_EACH, read_runs
 from defectvad.sweeps.tables import (COSTS, METRIC_NAMES, SUMMARY_METRICS, dataset_table, label_variants,
-                                     order_categories, order_datasets, summary_table, table_csv)
+                                     order_categories, order_datasets, shot_label, summary_table, table_csv)
 
 LEGEND = ("Values: metric x 100, mean ± std over seeds where there are several. **Bold**: the best of two or more "
           "models. –: no run. failed: no run ended ok. *: mean over fewer categories than the table has. "
+          "k=N: N training images per run, picked by its seed (k=0: zero-shot; k=all: every image). "
           "A model named `one model for all categories` (or for a list) is one run trained on the union of those "
           "categories and judged on each; every other model is one run per category.")
 
@@ -54,7 +55,12 @@ def failed_rows(frame):
 def describe(row):
     if row["status"] == "unreadable":
         return "?"
-    return f"{row['variant']} · {row['dataset']}/{row['category']} · seed {row['seed']}"
+    shot = shot_text(shot_label(row["k_shot"]))
+    return f"{row['variant']} · {row['dataset']}/{row['category']}{shot} · seed {row['seed']}"
+
+
+def shot_text(shot):
+    return "" if shot == "all" else f" · k={shot}"
 
 
 def find_missing(frame, folders):
@@ -72,13 +78,16 @@ def find_missing(frame, folders):
     rows = rows[(rows["status"] != "unreadable") & ~rows["superseded"]]
     for dataset in order_datasets(rows["dataset"].dropna()):
         group = rows[rows["dataset"] == dataset]
-        seen = set(zip(group["variant"], group["category"], group["seed"]))
+        seen = set(zip(group["variant"], group["category"], group["seed"], group["k_shot"].map(shot_label)))
+        # each model's own k values
+        shots = group.assign(shot=group["k_shot"].map(shot_label)).groupby("variant")["shot"].unique()
         # a model trained on several categories covers only its own
         for variant in group.loc[group["setting"] == SETTING_EACH, "variant"].unique():
             for seed in sorted(group["seed"].dropna().unique()):
                 for category in order_categories(dataset, group["category"]):
-                    if (variant, category, seed) not in seen:
-                        missing.append(f"{variant} · {dataset}/{category} · seed {seed}")
+                    for shot in shots[variant]:
+                        if (variant, category, seed, shot) not in seen:
+                            missing.append(f"{variant} · {dataset}/{category}{shot_text(shot)} · seed {seed}")
     return missing
 
 
@@ -111,30 +120,50 @@ def header_markdown(frame, folders, out, common, missing):
 
 
 def summary_markdown(summary):
+    # a row group per data set, or per data set and k
     mean, std, state = summary["mean"], summary["std"], summary["state"]
     rows = []
-    for dataset in mean.index.get_level_values("dataset").unique():
-        group = mean.loc[dataset]
+    for head in mean.index.droplevel("model").unique():
+        head = head if isinstance(head, tuple) else (head,)
+        group = mean.loc[head if len(head) > 1 else head[0]]
         texts = {}
         for column in mean.columns:
             for variant in group.index:
                 value = group.loc[variant, column]
                 if column in SUMMARY_METRICS:
-                    text = format_metric(value, std.loc[(dataset, variant), column], summary["seeds"])
-                    text += "*" if state[(dataset, variant)] == "partial" else ""
+                    text = format_metric(value, std.loc[(*head, variant), column], summary["seeds"])
+                    text += "*" if state[(*head, variant)] == "partial" else ""
                 else:
                     text = format_cost(column, value)
                 texts[(variant, column)] = text
             eligible = [variant for variant in group.index if column != "runs"
-                        and (column not in SUMMARY_METRICS or state[(dataset, variant)] == "ok")]
+                        and (column not in SUMMARY_METRICS or state[(*head, variant)] == "ok")]
             for variant in best(group[column], eligible, higher=column in SUMMARY_METRICS, scale=scale_of(column)):
                 texts[(variant, column)] = f"**{texts[(variant, column)]}**"
-        rows += [[dataset, variant, *[texts[(variant, column)] for column in mean.columns]] for variant in group.index]
-    header = ["data set", "model", *[METRIC_NAMES.get(column) or COSTS.get(column, (column,))[0] for column in mean.columns]]
+        rows += [[*head, variant, *[texts[(variant, column)] for column in mean.columns]] for variant in group.index]
+    header = ["data set", *(["k"] if "k_shot" in mean.index.names else []), "model",
+              *[METRIC_NAMES.get(column) or COSTS.get(column, (column,))[0] for column in mean.columns]]
     return markdown_table(header, rows)
 
 
 def dataset_markdown(table, metrics):
+    # a column group per k where the runs were given k training images
+    header, rows = ["category"], [[category] for category in table["mean"].index]
+    for shot, group in shot_groups(table):
+        names, cells = variant_markdown(group, metrics)
+        header += [f"k={shot}<br>{name}" if shot else name for name in names]
+        rows = [row + more for row, more in zip(rows, cells)]
+    return markdown_table(header, rows)
+
+
+def shot_groups(table):
+    if "k_shot" not in table["state"].columns.names:
+        return [(None, table)]
+    shots = table["state"].columns.get_level_values("k_shot").unique()
+    return [(shot, {**table, **{key: table[key][shot] for key in ("mean", "std", "state")}}) for shot in shots]
+
+
+def variant_markdown(table, metrics):
     mean, std, state = table["mean"], table["std"], table["state"]
     variants = list(state.columns)
     rows = []
@@ -150,9 +179,8 @@ def dataset_markdown(table, metrics):
             eligible = [variant for variant in variants if state.loc[category, variant] == "ok"]
             for variant in best(values, eligible, higher=True, scale=100):
                 texts[(variant, metric)] = f"**{texts[(variant, metric)]}**"
-        rows.append([category, *[texts[(variant, metric)] for variant in variants for metric in metrics]])
-    header = ["category", *[f"{variant}<br>{METRIC_NAMES[metric]}" for variant in variants for metric in metrics]]
-    return markdown_table(header, rows)
+        rows.append([texts[(variant, metric)] for variant in variants for metric in metrics])
+    return [f"{variant}<br>{METRIC_NAMES[metric]}" for variant in variants for metric in metrics], rows
 
 
 def best(values, eligible, higher, scale):

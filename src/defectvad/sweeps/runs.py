@@ -4,11 +4,11 @@ from pathlib import Path
 import pandas as pd
 
 from defectvad.records import METRIC_KEYS
-from defectvad.sweeps.folders import extra_overrides, find_runs
+from defectvad.sweeps.folders import extra_overrides, find_runs, option_key
 
 SETTING_EACH = "one model per category"
 SETTING_ALL = "one model for all categories"
-IDENTITY = ["model", "backbone", "dataset", "category", "seed", "overrides", "setting"]
+IDENTITY = ["model", "backbone", "dataset", "category", "k_shot", "seed", "overrides", "setting"]
 COSTS = ["fit_s", "test_s", "peak_rss_mb", "peak_cuda_mb"]
 COLUMNS = ["sweep_dir", "run_dir", *IDENTITY, "image_size", "status", "error", *METRIC_KEYS, *COSTS, "device",
            "started", "finished", "git_commit"]
@@ -20,6 +20,7 @@ def read_runs(folders):
             for row in split_categories(read_row(Path(folder), path, record), record)]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["seed"] = frame["seed"].astype("Int64")
+    frame["k_shot"] = frame["k_shot"].astype("Int64")
     frame["superseded"] = mark_superseded(frame)
     return frame
 
@@ -36,6 +37,7 @@ def read_row(folder, path, record):
     row.update(category=describe_category(run.get("category")), setting=describe_setting(run.get("category")),
                seed=seed, overrides=tuple(extra_overrides(overrides)),
                image_size="x".join(str(size) for size in run.get("image_size") or []))
+    row["k_shot"] = read_k_shot(record, overrides)
     row.update(status=record.get("status"), error=record.get("error"))
     row.update({key: (record.get("metrics") or {}).get(key) for key in METRIC_KEYS})
     costs = {**(record.get("timing") or {}), **(record.get("resources") or {})}
@@ -64,6 +66,20 @@ def split_categories(row, record):
         return [row]
     return [{**row, "category": str(name), **{key: (metrics or {}).get(key) for key in METRIC_KEYS}}
             for name, metrics in per_category.items()]
+
+
+def read_k_shot(record, overrides):
+    # training images the run took (null: all); a zero-shot run took none; a run that failed before its
+    # evaluation has only the dataset.k_shot of its command
+    evaluation = record.get("evaluation")
+    if isinstance(evaluation, dict):
+        return 0 if evaluation.get("learning_type") == "zero_shot" else whole_number(evaluation.get("k_shot"))
+    given = [override.split("=", 1)[1] for override in overrides if option_key(override) == "dataset.k_shot"]
+    return int(given[-1]) if given and given[-1].isdigit() else None
+
+
+def whole_number(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def mark_superseded(frame):

@@ -50,11 +50,36 @@ def label_variants(frame):
     return pd.Series({index: labels[key] for index, key in keys.items()}, dtype=object), order, sorted(common)
 
 
+def shot_label(k_shot):
+    return "all" if pd.isna(k_shot) else str(int(k_shot))
+
+
+def shot_labels(frame):
+    # the k groups, by number of training images, all (every image) last; none where no run was given a k
+    shots = frame.loc[frame["status"] != "unreadable", "k_shot"]
+    if shots.isna().all():
+        return []
+    return [str(int(shot)) for shot in sorted(shots.dropna().unique())] + (["all"] if shots.isna().any() else [])
+
+
 def dataset_table(frame, dataset, variants, metrics):
-    # categories x (model, metric): mean over seeds, std over seeds, and a state per cell
+    # categories x (model, metric), or x (k, model, metric) where runs were given k training images
     rows = frame[(frame["dataset"] == dataset) & ~frame["superseded"]]
+    categories = order_categories(dataset, rows["category"])
+    parts = {shot: variant_table(rows[rows["k_shot"].map(shot_label) == shot], categories, variants, metrics)
+             for shot in shot_labels(frame)}
+    parts = {shot: part for shot, part in parts.items() if len(part["state"].columns)}
+    if not parts:
+        return variant_table(rows, categories, variants, metrics)
+    table = {key: pd.concat({shot: part[key] for shot, part in parts.items()}, axis=1, names=["k_shot"])
+             for key in ("mean", "std", "state")}
+    return {**table, "seeds": any(part["seeds"] for part in parts.values())}
+
+
+def variant_table(rows, categories, variants, metrics):
+    # categories x (model, metric): mean over seeds, std over seeds, and a state per cell
     variants = [variant for variant in variants if variant in set(rows["variant"])]
-    index = order_categories(dataset, rows["category"]) + ["mean"]
+    index = categories + ["mean"]
     columns = pd.MultiIndex.from_product([variants, list(metrics)], names=["model", "metric"])
     mean = pd.DataFrame(np.nan, index=index, columns=columns)
     std = mean.copy()
@@ -79,21 +104,25 @@ def dataset_table(frame, dataset, variants, metrics):
 
 
 def summary_table(frame, tables):
-    # (data set, model) x summary metrics and costs, from the mean rows of the data set tables
+    # (data set, model) or (data set, k, model) x summary metrics and costs, from the data set tables' mean rows
     rows, stds, states, index = [], [], [], []
     costs = [key for key in COSTS if frame[key].notna().any()]
     for dataset, table in tables.items():
-        for variant in table["state"].columns:
-            runs = frame[(frame["dataset"] == dataset) & (frame["variant"] == variant) & ~frame["superseded"]
+        for column in table["state"].columns:
+            key = column if isinstance(column, tuple) else (column,)
+            runs = frame[(frame["dataset"] == dataset) & (frame["variant"] == key[-1]) & ~frame["superseded"]
                          & (frame["status"] == "ok")]
-            row = {metric: table["mean"].loc["mean", (variant, metric)] for metric in SUMMARY_METRICS}
+            if len(key) > 1:
+                runs = runs[runs["k_shot"].map(shot_label) == key[0]]
+            row = {metric: table["mean"].loc["mean", (*key, metric)] for metric in SUMMARY_METRICS}
             row.update({key: runs[key].agg(COSTS[key][1]) for key in costs})
             row["runs"] = runs["run_dir"].nunique()  # a run over several categories has a row per category
             rows.append(row)
-            stds.append({metric: table["std"].loc["mean", (variant, metric)] for metric in SUMMARY_METRICS})
-            states.append(table["state"].loc["mean", variant])
-            index.append((dataset, variant))
-    index = pd.MultiIndex.from_tuples(index, names=["dataset", "model"])
+            stds.append({metric: table["std"].loc["mean", (*key, metric)] for metric in SUMMARY_METRICS})
+            states.append(table["state"].loc["mean", column])
+            index.append((dataset, *key))
+    names = ["dataset", "k_shot", "model"] if any(len(entry) > 2 for entry in index) else ["dataset", "model"]
+    index = pd.MultiIndex.from_tuples(index, names=names)
     columns = [*SUMMARY_METRICS, *costs, "runs"]
     return {"mean": pd.DataFrame(rows, index=index, columns=columns),
             "std": pd.DataFrame(stds, index=index, columns=list(SUMMARY_METRICS)).astype(float),
