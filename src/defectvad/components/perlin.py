@@ -73,11 +73,13 @@ class RandomSolarize(nn.Module):
 
 class PerlinAnomalyGenerator(nn.Module):
     # pastes an augmented texture into a Perlin-shaped region of each image:
-    # out = image * (1 - mask) + beta * texture * mask + (1 - beta) * image * mask, beta drawn in blend_factor
-    def __init__(self, textures, probability=0.5, blend_factor=(0.1, 1.0), augmentations=3):
+    # out = image * (1 - mask) + beta * texture * mask + (1 - beta) * image * mask, beta drawn in blend_factor;
+    # dual_mask: half of the masks are the union with a second, independent Perlin mask (GLASS)
+    def __init__(self, textures, probability=0.5, blend_factor=(0.1, 1.0), augmentations=3, dual_mask=False):
         super().__init__()
         self.textures = textures
         self.probability = probability
+        self.dual_mask = dual_mask
         self.blend_factor = tuple(blend_factor) if isinstance(blend_factor, (list, tuple)) else (blend_factor,) * 2
         self.augmentations = augmentations
         self.augmenters = create_texture_augmenters()
@@ -93,6 +95,10 @@ class PerlinAnomalyGenerator(nn.Module):
         if float(torch.rand(1)) > self.probability:
             return image, torch.zeros(1, height, width, device=image.device)
         _, mask = generate_perlin_mask(height, width)
+        if self.dual_mask:
+            _, second = generate_perlin_mask(height, width, attempts=1)
+            if float(torch.rand(1)) > 0.5:
+                mask = torch.maximum(mask, second)
         texture = self.augment_texture(self.textures.sample(height, width))
         texture = texture.to(image.device, image.dtype) / 255.0
         mask = mask.to(image.device, image.dtype)[None]

@@ -8,6 +8,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from defectvad.components.perlin import generate_perlin_noise
 from defectvad.data.images import is_image_file, read_image
+from defectvad.errors import ConfigError, DatasetError
+
+ANOMALY_SOURCES = ("dtd", "synthetic")
 
 
 class TextureFolder:
@@ -51,3 +54,28 @@ class SyntheticTextures:
             weight = (along + 1)[None] / 2
             texture = colours[0] * weight + colours[1] * (1 - weight)
         return (255 * texture.clamp(0, 1)).round().to(torch.uint8)
+
+
+def create_textures(anomaly_source, anomaly_source_path, model_name):
+    # the texture source of a model that pastes textures into images (model.anomaly_source)
+    if anomaly_source == "synthetic":
+        return SyntheticTextures()
+    if anomaly_source != "dtd":
+        raise ConfigError(f"model.anomaly_source must be one of: {', '.join(ANOMALY_SOURCES)}; got '{anomaly_source}'")
+    textures = TextureFolder(anomaly_source_path) if Path(anomaly_source_path).is_dir() else None
+    if textures is None or len(textures) == 0:
+        raise DatasetError(
+            f"{model_name}'s anomaly textures were not found: no images in {anomaly_source_path}; download the "
+            "Describable Textures Dataset (https://www.robots.ox.ac.uk/~vgg/data/dtd/) and unpack it there, point "
+            "model.anomaly_source_path to it, or set model.anomaly_source=synthetic to use generated textures"
+        )
+    return textures
+
+
+def describe_textures(anomaly_source, anomaly_source_path, textures):
+    # what metrics.json records of the texture source
+    return {
+        "anomaly_source": anomaly_source,
+        "anomaly_source_path": str(anomaly_source_path) if anomaly_source == "dtd" else None,
+        "textures": len(textures) if anomaly_source == "dtd" else "generated: " + ", ".join(SyntheticTextures.kinds),
+    }

@@ -1,33 +1,13 @@
 # src/defectvad/models/draem/trainer.py
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from defectvad.components.perlin import PerlinAnomalyGenerator
-from defectvad.components.textures import SyntheticTextures, TextureFolder
+from defectvad.components.textures import create_textures, describe_textures
 from defectvad.engine.base_trainer import BaseTrainer
-from defectvad.errors import ConfigError, DatasetError
+from defectvad.errors import ConfigError
 from defectvad.models.draem.loss import DraemLoss
 from defectvad.models.draem.torch_model import DraemModel
-
-ANOMALY_SOURCES = ("dtd", "synthetic")
-
-
-def create_textures(anomaly_source, anomaly_source_path):
-    if anomaly_source == "synthetic":
-        return SyntheticTextures()
-    if anomaly_source != "dtd":
-        raise ConfigError(f"model.anomaly_source must be one of: {', '.join(ANOMALY_SOURCES)}; got '{anomaly_source}'")
-    textures = TextureFolder(anomaly_source_path) if Path(anomaly_source_path).is_dir() else None
-    if textures is None or len(textures) == 0:
-        raise DatasetError(
-            f"DRAEM's anomaly textures were not found: no images in {anomaly_source_path}; download the Describable "
-            "Textures Dataset (https://www.robots.ox.ac.uk/~vgg/data/dtd/) and unpack it there, point "
-            "model.anomaly_source_path to it, or set model.anomaly_source=synthetic to use generated textures"
-        )
-    return textures
-
 
 class DraemTrainer(BaseTrainer):
     # anomalib sets no epoch count (Lightning would run 1000); 700 as the paper, whose schedule steps at 400 and 600
@@ -41,7 +21,7 @@ class DraemTrainer(BaseTrainer):
         super().__init__()
         self.anomaly_source = anomaly_source
         self.anomaly_source_path = str(anomaly_source_path)
-        self.textures = create_textures(anomaly_source, anomaly_source_path)
+        self.textures = create_textures(anomaly_source, anomaly_source_path, "DRAEM")
         self.augmenter = PerlinAnomalyGenerator(self.textures, blend_factor=beta)
         self.model = DraemModel(sspcab=enable_sspcab, reconstructive_width=reconstructive_width,
                                 discriminative_width=discriminative_width)
@@ -86,10 +66,7 @@ class DraemTrainer(BaseTrainer):
 
     def summary(self):
         return {
-            "anomaly_source": self.anomaly_source,
-            "anomaly_source_path": self.anomaly_source_path if self.anomaly_source == "dtd" else None,
-            "textures": (len(self.textures) if self.anomaly_source == "dtd"
-                         else "generated: " + ", ".join(SyntheticTextures.kinds)),
+            **describe_textures(self.anomaly_source, self.anomaly_source_path, self.textures),
             "focal_alpha": self.focal_alpha,
             "train_loss": self.train_losses[-1] if self.train_losses else None,
             "epochs": len(self.train_losses),
