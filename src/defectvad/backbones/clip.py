@@ -195,7 +195,21 @@ def strip_module_prefix(state_dict):
     return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-# the two published towers' sizes (open_clip's model configs); the registry builds them from these
+def convert_tinyclip(state_dict):
+    # TinyCLIP's checkpoints hold the towers under _image_encoder, _text_encoder and _logit_scale, each possibly
+    # wrapped by DistributedDataParallel ("module.")
+    converted = {}
+    for key, value in strip_module_prefix(state_dict).items():
+        for prefix in ("_image_encoder.", "_text_encoder.", "_logit_scale."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                key = key[7:] if key.startswith("module.") else key
+                break
+        converted[key] = value
+    return converted
+
+
+# the published towers' sizes (open_clip's and TinyCLIP's model configs); the registry builds them from these
 CLIP_ARCHITECTURES = {
     "clip_vit_b16_plus_240": dict(embed_dim=640, image_size=240, patch_size=16, vision_width=896, vision_layers=12,
                                   text_width=640, text_heads=10, text_layers=12, context_length=77, vocab_size=49408,
@@ -203,4 +217,10 @@ CLIP_ARCHITECTURES = {
     "clip_vit_l14_336": dict(embed_dim=768, image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
                              text_width=768, text_heads=12, text_layers=12, context_length=77, vocab_size=49408,
                              quick_gelu=True),
+    "tinyclip_vit_8m_16_text_3m": dict(embed_dim=512, image_size=224, patch_size=16, vision_width=256, vision_layers=10,
+                                       text_width=256, text_heads=4, text_layers=3, context_length=77,
+                                       vocab_size=49408, quick_gelu=False),
+    "tinyclip_vit_39m_16_text_19m": dict(embed_dim=512, image_size=224, patch_size=16, vision_width=512,
+                                         vision_layers=12, text_width=512, text_heads=8, text_layers=6,
+                                         context_length=77, vocab_size=49408, quick_gelu=False),
 }

@@ -6,7 +6,8 @@ from functools import partial
 import torchvision
 
 from defectvad.backbones.cait import CAIT_BUILDERS
-from defectvad.backbones.clip import BLOCK_PREFIX, CLIP, CLIP_ARCHITECTURES, OPENAI_MEAN, OPENAI_STD, strip_module_prefix
+from defectvad.backbones.clip import (BLOCK_PREFIX, CLIP, CLIP_ARCHITECTURES, OPENAI_MEAN, OPENAI_STD, convert_tinyclip,
+                                      strip_module_prefix)
 from defectvad.backbones.efficientnet_lite import EfficientNetLite0
 from defectvad.backbones.vit import VIT_BUILDERS, convert_dinov2_official
 from defectvad.errors import BackboneError
@@ -212,6 +213,25 @@ register(
                       check={"visual.positional_embedding": (577, 1024), "text_projection": (768, 768)}),
         clip_hub_file(L14_336_HUB, "open_clip_pytorch_model.bin",
                       "OpenAI CLIP ViT-L/14@336px (open_clip hub copy, pickle)"),
+    ]),
+)
+
+TINYCLIP_RELEASES = "https://github.com/wkcn/TinyCLIP-model-zoo/releases/download/checkpoints/"
+
+
+def tinyclip_file(file, source):
+    # TinyCLIP publishes no hashes; its keys sit under _image_encoder / _text_encoder / _logit_scale
+    return weight_file(file, source, TINYCLIP_RELEASES + file, convert=convert_tinyclip)
+
+
+# TinyCLIP (Wu et al., ICCV 2023), manual weight inheritance on YFCC-15M; stages at 1/4, 1/2, 3/4 and full depth
+register(
+    clip("tinyclip_vit_8m_16_text_3m", (1, 4, 6, 9), [
+        tinyclip_file("TinyCLIP-ViT-8M-16-Text-3M-YFCC15M.pt", "TinyCLIP ViT-8M/16 Text-3M YFCC-15M (TinyCLIP model zoo)"),
+    ]),
+    clip("tinyclip_vit_39m_16_text_19m", (2, 5, 8, 11), [
+        tinyclip_file("TinyCLIP-ViT-39M-16-Text-19M-YFCC15M.pt",
+                      "TinyCLIP ViT-39M/16 Text-19M YFCC-15M (TinyCLIP model zoo)"),
     ]),
 )
 
