@@ -1,0 +1,1 @@
+# src/defectvad/models/supersimplenet/__init__.py
