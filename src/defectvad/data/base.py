@@ -2,6 +2,7 @@
 import random
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from PIL import Image
@@ -120,13 +121,7 @@ class AnomalyDataset(Dataset):
 
     def load_sample(self, sample):
         image = read_image(sample["image_path"], self.max_image_pixels)
-        mask = None
-        if sample["mask_path"] is not None:
-            mask = read_mask(sample["mask_path"], self.max_image_pixels)
-            image_size = (image.shape[2], image.shape[1])
-            if check_mask_size(mask.size, image_size, sample["mask_path"], sample["image_path"], self.resize_masks):
-                mask = mask.resize(image_size, Image.NEAREST)
-        image, mask = self.transform(image, mask)
+        image, mask = self.transform(image, self.load_mask(sample, (image.shape[2], image.shape[1])))
         return {
             "image": image,
             "label": sample["label"],
@@ -134,3 +129,18 @@ class AnomalyDataset(Dataset):
             "image_path": sample["image_path"],
             "defect_type": sample["defect_type"],
         }
+
+    def load_mask(self, sample, image_size):
+        # the PIL mask at the image's (width, height), or None for a normal image
+        if sample["mask_path"] is None:
+            return None
+        mask = read_mask(sample["mask_path"], self.max_image_pixels)
+        if check_mask_size(mask.size, image_size, sample["mask_path"], sample["image_path"], self.resize_masks):
+            mask = mask.resize(image_size, Image.NEAREST)
+        return mask
+
+    def load_full_resolution_mask(self, sample):
+        # bool (height, width) at the image's own size, for pixel metrics at full resolution
+        width, height = read_image_size(sample["image_path"], "image", self.max_image_pixels)
+        mask = self.load_mask(sample, (width, height))
+        return np.zeros((height, width), bool) if mask is None else np.asarray(mask) > 0

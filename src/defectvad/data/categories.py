@@ -67,3 +67,6 @@ class CategoryUnion(Dataset):
     def __getitem__(self, index):
         sample = self.samples[index]
         return self.parts[sample["category"]].load_sample(sample)
+
+    def load_full_resolution_mask(self, sample):
+        return self.parts[sample["category"]].load_full_resolution_mask(sample)

@@ -67,6 +67,10 @@ RULES = (
     ("evaluation.latency_repeats", integer_from(1), "an integer >= 1"),
     ("evaluation.efficiency_batch_size", integer_from(1), "an integer >= 1"),
     ("evaluation.throughput_repeats", integer_from(1), "an integer >= 1"),
+    ("evaluation.full_resolution", lambda value: isinstance(value, bool), "true or false"),
+    ("tiling.tile_size", or_null(size), SIZE + ", or null for no tiling"),
+    ("tiling.stride", or_null(size), SIZE + ", or null for the tile size"),
+    ("tiling.batch_size", or_null(integer_from(1)), "an integer >= 1, or null for loader.eval_batch_size"),
 )
 
 

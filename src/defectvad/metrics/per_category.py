@@ -17,12 +17,14 @@ def split_by_category(predictions, samples):
             for name in categories}
 
 
-def compute_category_metrics(predictions, samples, fpr_limit):
+def compute_category_metrics(predictions, samples, fpr_limit, histograms=None):
+    # histograms: {category: PixelHistogram} of a run whose maps were streamed (tiled or full resolution)
     per_category = {}
     for name, indices in split_by_category(predictions, samples).items():
         masks = predictions["mask"][indices, 0] if predictions["has_masks"] else None
         per_category[name] = compute_metrics(predictions["pred_score"][indices], predictions["label"][indices],
-                                             predictions["anomaly_map"][indices, 0], masks, fpr_limit=fpr_limit)
+                                             predictions["anomaly_map"][indices, 0], masks, fpr_limit=fpr_limit,
+                                             pixel_histogram=None if histograms is None else histograms[name])
     return per_category
 
 
