@@ -1,0 +1,1 @@
+# src/defectvad/models/glass/__init__.py
