@@ -11,12 +11,13 @@ from torch.utils.data import DataLoader
 
 from defectvad.backbones.registry import get_backbone
 from defectvad.backbones.vit import dinov2_reg4
+from defectvad.components.dinov2_reconstruction import convert_anomalib_state_dict
 from defectvad.components.stable_adamw import StableAdamW
 from defectvad.components.warm_cosine_scheduler import WarmCosineScheduler
 from defectvad.errors import ConfigError
 from defectvad.models.dinomaly.anomaly_map import calculate_anomaly_maps
 from defectvad.models.dinomaly.loss import CosineHardMiningLoss
-from defectvad.models.dinomaly.torch_model import DinomalyModel, convert_anomalib_state_dict
+from defectvad.models.dinomaly.torch_model import DinomalyModel
 from defectvad.models.dinomaly.trainer import DinomalyTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
