@@ -1,0 +1,1 @@
+# src/defectvad/models/inp_former/__init__.py
