@@ -1,6 +1,6 @@
 # tools/panel_sheet.py
 # one picture of the panel data set: a row per defect type, a column per severity level; each cell shows a crop
-# around the defect as written (left) and with its contrast stretched (right), the mask outlined beside it
+# around the defect as written (left) and with its contrast stretched 8x, the mask outlined just outside (right)
 import argparse
 import sys
 from pathlib import Path
@@ -48,8 +48,8 @@ def draw_cell(folder, record):
     image = crop_around(read_rgb(folder / record["image"]), record)
     mask = crop_around(read_rgb(folder / record["mask"])[..., 0] > 127, record)
     mask = mask.repeat(ZOOM, 0).repeat(ZOOM, 1)
-    halves = [outline(part.repeat(ZOOM, 0).repeat(ZOOM, 1), mask) for part in (image, stretch(image))]
-    return np.concatenate(halves, axis=1)
+    plain = image.repeat(ZOOM, 0).repeat(ZOOM, 1)
+    return np.concatenate([plain, outline(stretch(image).repeat(ZOOM, 0).repeat(ZOOM, 1), mask)], axis=1)
 
 
 def draw_sheet(folder):
