@@ -1,7 +1,11 @@
 # src/defectvad/components/ssim.py
+# structural similarity (Wang et al. 2004) with a Gaussian window: one implementation for the DRAEM loss and the
+# image-quality metrics (metrics/image_quality.py)
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+PADDINGS = ("reflect", "valid")
 
 
 def gaussian_window(size, sigma, dtype=torch.float32, device=None):
@@ -10,26 +14,38 @@ def gaussian_window(size, sigma, dtype=torch.float32, device=None):
     return window / window.sum()
 
 
-def separable_blur(images, window):
-    # same-size output with reflected borders, one 1-D pass per axis
+def separable_blur(images, window, padding="reflect"):
+    # one 1-D pass per axis; reflect: same-size output over reflected borders, valid: only where the window fits
     channels, radius = images.shape[1], window.shape[0] // 2
     rows = window.reshape(1, 1, 1, -1).expand(channels, 1, 1, -1)
     columns = window.reshape(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    images = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="reflect"), rows, groups=channels)
-    return F.conv2d(F.pad(images, (0, 0, radius, radius), mode="reflect"), columns, groups=channels)
+    if padding == "reflect":
+        images = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    images = F.conv2d(images, rows, groups=channels)
+    if padding == "reflect":
+        images = F.pad(images, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(images, columns, groups=channels)
 
 
-def ssim(first, second, window_size=11, sigma=1.5, max_val=1.0, eps=1e-12):
-    # the per-pixel structural similarity map, Gaussian-weighted local statistics
+def ssim_terms(first, second, window_size=11, sigma=1.5, max_val=1.0, padding="reflect", k1=0.01, k2=0.03):
+    # per pixel and channel: the luminance term and the contrast-structure term, whose product is SSIM
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of: {', '.join(PADDINGS)}; got {padding!r}")
     window = gaussian_window(window_size, sigma, first.dtype, first.device)
-    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    mu1, mu2 = separable_blur(first, window), separable_blur(second, window)
-    sigma1 = separable_blur(first * first, window) - mu1**2
-    sigma2 = separable_blur(second * second, window) - mu2**2
-    sigma12 = separable_blur(first * second, window) - mu1 * mu2
-    numerator = (2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)
-    denominator = (mu1**2 + mu2**2 + c1) * (sigma1 + sigma2 + c2)
-    return numerator / (denominator + eps)
+    c1, c2 = (k1 * max_val) ** 2, (k2 * max_val) ** 2
+    mu1, mu2 = separable_blur(first, window, padding), separable_blur(second, window, padding)
+    sigma1 = separable_blur(first * first, window, padding) - mu1**2
+    sigma2 = separable_blur(second * second, window, padding) - mu2**2
+    sigma12 = separable_blur(first * second, window, padding) - mu1 * mu2
+    luminance = (2 * mu1 * mu2 + c1) / (mu1**2 + mu2**2 + c1)
+    contrast_structure = (2 * sigma12 + c2) / (sigma1 + sigma2 + c2)
+    return luminance, contrast_structure
+
+
+def ssim(first, second, window_size=11, sigma=1.5, max_val=1.0, padding="reflect"):
+    # the per-pixel structural similarity map
+    luminance, contrast_structure = ssim_terms(first, second, window_size, sigma, max_val, padding)
+    return luminance * contrast_structure
 
 
 class SSIMLoss(nn.Module):
