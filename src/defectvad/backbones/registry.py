@@ -249,8 +249,28 @@ def get_backbone(name):
     return BACKBONES[name]
 
 
+LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
+
+
+def lpips_head_file(net, sha256):
+    # the sha256 of the files in the lpips 0.1.4 package on PyPI
+    return weight_file(f"lpips_{net}_v0.1.pth", f"LPIPS v0.1 linear heads for {net} (lpips/weights/v0.1/{net}.pth "
+                       f"of the lpips PyPI package)", LPIPS_URL.format(net), sha256=sha256)
+
+
+# LPIPS (metrics/lpips.py): per network, the torchvision ImageNet trunk and the linear heads
+LPIPS_FILES = {
+    "alex": [torchvision_file("alexnet-owt", "7be5be79"),
+             lpips_head_file("alex", "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0")],
+    "vgg": [torchvision_file("vgg16", "397923af"),
+            lpips_head_file("vgg", "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868")],
+    "squeeze": [torchvision_file("squeezenet1_1", "b8a52dc0"),
+                lpips_head_file("squeeze", "4a5350f23600cb79923ce65bb07cbf57dca461329894153e05a1346bd531cf76")],
+}
+
 # files the backbones need beside their weights, under a name of their own
-OTHER_FILES = [("clip_tokenizer", BPE_VOCAB)]
+OTHER_FILES = [("clip_tokenizer", BPE_VOCAB)] + [(f"lpips_{net}", entry) for net, files in LPIPS_FILES.items()
+                                                 for entry in files]
 
 
 def all_files():
