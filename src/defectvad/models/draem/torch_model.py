@@ -164,4 +164,5 @@ class DraemModel(nn.Module):
         if self.training:
             return reconstruction, prediction
         anomaly_map = torch.softmax(prediction, dim=1)[:, 1:]
-        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map)
+        return InferenceBatch(torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1), anomaly_map,
+                              {"reconstruction": reconstruction})
