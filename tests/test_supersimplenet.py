@@ -191,3 +191,5 @@ def test_supervised_is_refused_with_a_clear_message():
     with pytest.raises(InstantiationException) as error:
         instantiate(cfg.model, backbone="resnet18", weights_path=None, _convert_="all")
     assert isinstance(error.value.__cause__, ConfigError) and "model.supervised=false" in str(error.value.__cause__)
+    with pytest.raises(ConfigError, match="fractions"):
+        SupersimplenetTrainer(backbone="resnet18", milestones=[240, 270])

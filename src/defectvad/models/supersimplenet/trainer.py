@@ -30,6 +30,9 @@ class SupersimplenetTrainer(BaseTrainer):
                 "model.supervised=true trains SuperSimpleNet on labelled anomalous images with their masks, which "
                 "the one-class training split does not hold; leave model.supervised=false (anomalib's default)"
             )
+        if not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in milestones):
+            raise ConfigError(f"model.milestones are fractions of trainer.max_epochs in (0, 1], e.g. [0.8, 0.9]; "
+                              f"got {list(milestones)}")
         if weights_path is not None and V2_WEIGHTS in Path(weights_path).name:
             log.warning("SuperSimpleNet's noise std (%s) suits torchvision's V1 weights; %s holds V2 weights",
                         noise_std, weights_path)
