@@ -126,3 +126,13 @@ def test_one_run_over_two_categories_records_each_category_and_the_mean(tree, tm
         assert per_category[name]["image_auroc"] == pytest.approx(expected)
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics_per_category"] == per_category
 
+
+
+def test_a_single_run_over_several_categories_names_its_folder_by_them():
+    from omegaconf import OmegaConf
+
+    from defectvad.sweeps.folders import category_name
+
+    assert category_name(OmegaConf.create({"c": ["tiles", "disc"]}).c) == "tiles+disc"
+    assert category_name("all") == "all"
+    assert category_name(1) == "1"

@@ -49,6 +49,13 @@ def run_folder_name(choices, overrides, category, seed, k_shot=None):
     return name
 
 
+def category_name(category):
+    # a single run's folder: one category as it is, a list of them joined by + (tiles+disc)
+    if OmegaConf.is_list(category) or isinstance(category, (list, tuple)):
+        return "+".join(str(name) for name in category)
+    return str(category)
+
+
 def find_sweep_name(name, resume, multirun_dir, overrides):
     if name is not None:
         return str(name)
@@ -65,6 +72,7 @@ def register_resolvers():
     # the name is cached: resolved once where the sweep starts, Hydra copies the cache into every job's config
     OmegaConf.register_new_resolver("defectvad.sweep_name", find_sweep_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("defectvad.run_folder", run_folder_name, replace=True)
+    OmegaConf.register_new_resolver("defectvad.category_name", category_name, replace=True)
 
 
 def read_run_status(run_dir):
