@@ -1,0 +1,1 @@
+# src/defectvad/models/musc/__init__.py
