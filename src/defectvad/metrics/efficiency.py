@@ -64,22 +64,32 @@ def repeat_to_batch(images, batch_size):
 
 def measure_efficiency(model, images, device, precision="fp32", warmup=2, latency_repeats=5, batch_size=16,
                        throughput_repeats=2):
-    # images: a few real inputs (C, H, W as the model sees them); every model is measured the same way
+    # images: a few real inputs (C, H, W as the model sees them); every model is measured the same way, but a
+    # batch-level model (model.batch_level, MuSc) scores a set of images against each other and never one alone:
+    # its latency and FLOPs are those of one forward over the batch of batch_size images, per image
     model.eval()
     images = images.to(device)
-    single = images[:1]
     batch = repeat_to_batch(images, batch_size)
+    batch_level = getattr(model, "batch_level", False)
+    single = batch if batch_level else images[:1]
     latency = time_forward(model, single, device, precision, warmup, latency_repeats)
-    throughput = time_forward(model, batch, device, precision, warmup, throughput_repeats)
+    if batch_level:
+        # the same forwards: the throughput is the set's size over each forward's time
+        throughput = latency[:max(1, throughput_repeats)]
+        latency = [seconds / batch_size for seconds in latency]
+    else:
+        throughput = time_forward(model, batch, device, precision, warmup, throughput_repeats)
     return {
         "parameters": count_parameters(model),
-        "flops_per_image": count_flops(model, single),
-        "flops_note": FLOPS_NOTE,
+        "flops_per_image": count_flops(model, single) // single.shape[0],
+        "flops_note": FLOPS_NOTE + (f"; batch-level model: one forward over {batch_size} images, per image"
+                                    if batch_level else ""),
         "input_shape": list(single.shape[1:]),
         "latency_ms": round(statistics.median(latency) * 1000, 3),
-        "latency": {"batch_size": 1, "warmup": warmup, "repeats": latency_repeats, "statistic": "median"},
-        "throughput_images_per_s": round(batch_size * throughput_repeats / sum(throughput), 2),
-        "throughput": {"batch_size": batch_size, "warmup": warmup, "repeats": throughput_repeats,
+        "latency": {"batch_size": single.shape[0], "warmup": warmup, "repeats": latency_repeats,
+                    "statistic": "median time of one forward over the set / set size" if batch_level else "median"},
+        "throughput_images_per_s": round(batch_size * len(throughput) / sum(throughput), 2),
+        "throughput": {"batch_size": batch_size, "warmup": warmup, "repeats": len(throughput),
                        "statistic": "images / total time of the repeats"},
         "device": str(device),
         "precision": precision,
