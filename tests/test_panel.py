@@ -1,16 +1,22 @@
 # tests/test_panel.py
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 from scipy import ndimage
 
+from defectvad.data.categories import build_dataset, resolve_categories
 from defectvad.data.panel import PanelDataset
 from defectvad.data.panel_generator import DEFECT_TYPES, GENERATOR_VERSION, STAMP, read_defects, render_sample
 from defectvad.data.panel_severity import jnd_contrast, severity_index, severity_level
 from defectvad.data.transforms import ImageTransform
 from defectvad.errors import DatasetError
+from defectvad.sweeps.callbacks import prepare_sweeps
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ImageTransform(32, normalize=False)
 
@@ -150,3 +156,15 @@ def test_a_tree_of_another_version_or_without_a_stamp_is_refused(generated, tmp_
     with pytest.raises(DatasetError, match="unknown panel category 'lcd'; choose from plain, stripe"):
         PanelDataset(tmp_path, "lcd", "train", SMALL)
     assert sorted(p.name for p in (tmp_path / "stripe").iterdir()) == []
+
+
+def test_dataset_panel_composes_and_builds(generated):
+    root, _ = generated
+    prepare_sweeps()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=panel", f"dataset.root={root}"])
+        every = compose("config", overrides=["dataset=panel", "dataset.category=all"])
+    assert (cfg.dataset.category, cfg.dataset.generator_seed) == ("plain", 0)
+    train = build_dataset(cfg.dataset, split="train", transform=SMALL, seed=0)
+    assert isinstance(train, PanelDataset) and len(train) == 40
+    assert resolve_categories(every.dataset) == ["plain", "stripe"]
