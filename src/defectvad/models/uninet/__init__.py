@@ -1,0 +1,1 @@
+# src/defectvad/models/uninet/__init__.py
