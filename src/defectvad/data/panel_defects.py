@@ -31,7 +31,7 @@ def draw_mura(rng, cell):
     margin = 40
     cx, cy = rng.uniform(margin, SIZE - margin, 2).tolist()
     if rng.uniform() < 0.65:
-        radius = float(rng.uniform(10, 26))
+        radius = float(rng.uniform(12, 26))
         u, v = rotate(cx, cy, float(rng.uniform(0, np.pi)))
         v = v / float(rng.uniform(0.6, 1.0))
         angle = np.arctan2(v, u)
