@@ -5,7 +5,7 @@ import torch
 
 from defectvad.engine.base_trainer import BaseTrainer
 from defectvad.engine.devices import autocast
-from defectvad.errors import ConfigError, DatasetError
+from defectvad.errors import DatasetError
 from defectvad.models.musc.torch_model import BACKBONE, MuscModel
 
 log = logging.getLogger(__name__)
@@ -16,8 +16,9 @@ class MuscTrainer(BaseTrainer):
     # set: a first pass embeds every image (the patch tokens of all N images are held at once), the set is
     # scored, and the engine's own predict loop then reads each batch's rows from that result
     learning_type = "zero_shot"
-    # the scoring of a set is no single traced graph with a free batch axis
+    # the scoring of a set is no single traced graph with a free batch axis; tiles of one image are no set
     exportable = False
+    tileable = False
 
     def __init__(self, backbone=BACKBONE, weights_path=None, layers=None, r_list=(1, 3, 5), k_list=(1, 2, 3),
                  topmin_min=0.0, topmin_max=0.3, clip_architecture=None, quick_gelu=None):
@@ -31,8 +32,6 @@ class MuscTrainer(BaseTrainer):
 
     @torch.no_grad()
     def predict(self, loader, hooks=False, **options):
-        if getattr(self, "tiler", None) is not None:
-            raise ConfigError("MuSc scores whole images against each other and cannot run on tiles: unset tiling")
         self.set_outputs, paths = self.score_loader(loader)
         self.set_rows = {path: row for row, path in enumerate(paths)}
         try:
