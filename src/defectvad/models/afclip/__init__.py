@@ -1,0 +1,1 @@
+# src/defectvad/models/afclip/__init__.py
