@@ -23,7 +23,7 @@ def default_feature_layers(backbone, clip_architecture):
     # resized for tests takes its blocks at the same quarters
     layers = (clip_architecture or {}).get("vision_layers")
     if layers:
-        return [max(1, layers * k // 4) for k in (1, 2, 3, 4)]
+        return sorted({max(1, layers * k // 4) for k in (1, 2, 3, 4)})
     return [int(name.rsplit(".", 1)[1]) + 1 for name in get_backbone(backbone).stages]
 
 
