@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from defectvad.components.patch_features import PatchMaker, resize_patch_grid
+from defectvad.components.patch_features import PatchMaker, average_windows, resize_patch_grid
 from defectvad.data.transforms import ImageTransform
 from defectvad.errors import ConfigError, DatasetError
 from defectvad.models.glass.loss import FocalLoss
@@ -164,6 +164,18 @@ def test_patch_maker_and_grid_resizing():
     assert torch.allclose(resized[:, :, :, 1, 1].reshape(2, 8, 10, 3).permute(0, 3, 1, 2), expected, atol=1e-5)
     assert torch.equal(PatchMaker.compute_score(torch.tensor([[[0.1], [0.7]], [[0.3], [0.2]]])),
                        torch.tensor([0.7, 0.3]))
+
+
+@pytest.mark.parametrize("length, size", [(360, 1536), (9216, 1536), (100, 7), (20, 13)])
+def test_exported_pooling_averages_the_windows_of_adaptive_pooling(length, size):
+    # ONNX has no adaptive pooling: the export gathers the same windows
+    features = torch.randn(3, length)
+    index, weight = average_windows(length, size)
+    expected = np.stack([[row[(i * length) // size: -(-(i + 1) * length // size)].mean() for i in range(size)]
+                         for row in features.double().numpy()])
+    assert np.abs((features[:, index] * weight).sum(-1).numpy() - expected).max() < 1e-5
+    assert torch.allclose(torch.nn.functional.adaptive_avg_pool1d(features[:, None], size)[:, 0],
+                          torch.from_numpy(expected).float(), atol=1e-5)
 
 
 def test_state_dict_names_and_shapes_are_anomalib_s():

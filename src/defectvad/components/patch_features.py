@@ -1,4 +1,6 @@
 # src/defectvad/components/patch_features.py
+from functools import lru_cache
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -40,23 +42,45 @@ def resize_patch_grid(patches, grid, target_grid):
     return resized.reshape(batch, -1, channels, height, width)
 
 
+@lru_cache(maxsize=None)
+def average_windows(length, size):
+    # adaptive average pooling's windows: output i averages inputs floor(i * length / size) up to
+    # ceil((i + 1) * length / size); as (size, width) gather indices and weights (0 pads the shorter windows)
+    bounds = [((i * length) // size, -(-(i + 1) * length // size)) for i in range(size)]
+    width = max(end - start for start, end in bounds)
+    index = torch.tensor([[min(start + k, end - 1) for k in range(width)] for start, end in bounds])
+    weight = torch.tensor([[1.0 / (end - start) if k < end - start else 0.0 for k in range(width)]
+                           for start, end in bounds])
+    return index, weight
+
+
+def adaptive_average(features, size, length=None):
+    # (N, length) -> (N, size); ONNX has no adaptive pooling, so an export gathers the same windows
+    if length is None or not torch.onnx.is_in_onnx_export():
+        return F.adaptive_avg_pool1d(features.reshape(features.shape[0], 1, -1), size).reshape(features.shape[0], -1)
+    index, weight = average_windows(length, size)
+    return (features.reshape(features.shape[0], -1)[:, index] * weight.to(features)).sum(-1)
+
+
 class MeanMapper(nn.Module):
-    # a flattened patch (C * p * p values) averaged down (or repeated up) to dim values
-    def __init__(self, dim):
+    # a flattened patch (input_feature_len = C * p * p values) averaged down (or repeated up) to dim values
+    def __init__(self, dim, input_feature_len=None):
         super().__init__()
         self.preprocessing_dim = dim
+        self.input_feature_len = input_feature_len
 
     def forward(self, features):
-        return F.adaptive_avg_pool1d(features.reshape(len(features), 1, -1), self.preprocessing_dim).squeeze(1)
+        return adaptive_average(features, self.preprocessing_dim, self.input_feature_len)
 
 
 class Preprocessing(nn.Module):
     # one MeanMapper per layer: a list of (N, C_i, p, p) -> (N, layers, output_dim)
-    def __init__(self, input_dims, output_dim):
+    def __init__(self, input_dims, output_dim, patchsize=3):
         super().__init__()
         self.input_dims = input_dims
         self.output_dim = output_dim
-        self.preprocessing_modules = nn.ModuleList(MeanMapper(output_dim) for _ in input_dims)
+        self.preprocessing_modules = nn.ModuleList(MeanMapper(output_dim, dim * patchsize * patchsize)
+                                                   for dim in input_dims)
 
     def forward(self, features):
         return torch.stack([module(feature) for module, feature in zip(self.preprocessing_modules, features)], dim=1)
@@ -64,9 +88,10 @@ class Preprocessing(nn.Module):
 
 class Aggregator(nn.Module):
     # (N, layers, D) -> (N, target_dim): the layers' vectors, concatenated, averaged down to target_dim
-    def __init__(self, target_dim):
+    def __init__(self, target_dim, input_len=None):
         super().__init__()
         self.target_dim = target_dim
+        self.input_len = input_len
 
     def forward(self, features):
-        return F.adaptive_avg_pool1d(features.reshape(len(features), 1, -1), self.target_dim).reshape(len(features), -1)
+        return adaptive_average(features, self.target_dim, self.input_len)

@@ -47,8 +47,8 @@ class GlassModel(nn.Module):
         extractor = FeatureExtractor(backbone, self.layers, weights_path=weights_path, requires_grad=not pre_trained)
         self.forward_modules = nn.ModuleDict({
             "feature_aggregator": extractor,
-            "preprocessing": Preprocessing(extractor.out_dims, pretrain_embed_dim),
-            "preadapt_aggregator": Aggregator(target_embed_dim),
+            "preprocessing": Preprocessing(extractor.out_dims, pretrain_embed_dim, patchsize=patchsize),
+            "preadapt_aggregator": Aggregator(target_embed_dim, len(self.layers) * pretrain_embed_dim),
         })
         self.target_embed_dimension = target_embed_dim
         self.pre_projection = pre_projection
