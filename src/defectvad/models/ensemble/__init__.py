@@ -1,0 +1,1 @@
+# src/defectvad/models/ensemble/__init__.py
