@@ -95,7 +95,7 @@ def test_the_loss_and_the_metric_share_one_ssim():
     first, second = image_pair((1, 3, 30, 30))
     valid = ssim(first, second, padding="valid")
     # away from the border the reflected-border map (the loss's) is the window-fits map (the metric's)
-    assert torch.allclose(ssim(first, second)[..., 5:-5, 5:-5], valid, rtol=0, atol=1e-14)
+    assert torch.allclose(ssim(first, second)[..., 5:-5, 5:-5], valid, rtol=0, atol=1e-12)
     assert valid.mean().item() == pytest.approx(ssim_score(first, second).item(), abs=1e-14)
     assert SSIMLoss()(first, second).item() == pytest.approx((1 - ssim(first, second)).mean().item(), abs=1e-14)
 

@@ -8,7 +8,8 @@ import torch
 
 from defectvad.metrics.ciede2000 import delta_e2000
 from defectvad.metrics.colour_spaces import luminance
-from defectvad.metrics.image_quality import ms_ssim, ms_ssim_min_size, psnr, ssim_score
+from defectvad.metrics.image_quality import (MS_SSIM_WEIGHTS, combine_scales, ms_ssim_min_size, psnr, ssim_scales,
+                                             ssim_score)
 from defectvad.metrics.lpips import choose_lpips_net, load_lpips
 from defectvad.metrics.mura import MURA_BAND, mura_band_share
 
@@ -38,9 +39,13 @@ class ReconstructionMeter:
         images, reconstruction = images.float(), reconstruction.float().clamp(0, 1)
         self.size = list(images.shape[-2:])
         self.add("psnr", psnr(reconstruction, images).clamp(max=PSNR_CAP))
-        self.add("ssim", ssim_score(reconstruction, images))
         if min(self.size) >= ms_ssim_min_size():
-            self.add("ms_ssim", ms_ssim(reconstruction, images))
+            # MS-SSIM's finest scale is SSIM
+            ssims, contrasts = ssim_scales(reconstruction, images, len(MS_SSIM_WEIGHTS))
+            self.add("ssim", ssims[:, 0])
+            self.add("ms_ssim", combine_scales(ssims, contrasts))
+        else:
+            self.add("ssim", ssim_score(reconstruction, images))
         self.add("delta_e2000", delta_e2000(reconstruction, images).flatten(1).mean(dim=1))
         self.add("mura_band_share", mura_band_share(luminance(images) - luminance(reconstruction)))
         if self.lpips_net is not None:
