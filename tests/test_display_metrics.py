@@ -263,6 +263,11 @@ def test_lpips_files_come_from_the_backbone_folder(tmp_path, monkeypatch):
     first, second = (image.float() for image in image_pair((1, 3, 64, 64)))
     expected = LpipsModel("alex").load_trunk(trunk, "trunk").load_heads(heads, "heads")(first, second)
     assert torch.equal(model(first, second), expected)
+    # the reconstruction block takes the network whose files are present
+    meter = ReconstructionMeter(lpips=None, backbone_dir=tmp_path)
+    meter({"image": second}, {"reconstruction": first})
+    summary = meter.summary()
+    assert summary["lpips_net"] == "alex" and summary["lpips"] == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_reconstruction_meter_averages_the_metrics_per_image():
