@@ -13,15 +13,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from defectvad.components.tiler import Tiler
 from defectvad.data.loaders import create_dataloader
 from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.engine.inference_batch import InferenceBatch
+from defectvad.errors import ConfigError
 from defectvad.experiment import build_trainer, check_run, resolve_k_shot
 from fakes import StripesDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
+# ensemble: built from finished runs' folders, not from a config alone (tests/test_ensemble.py)
+NOT_STANDALONE = {"ensemble"}
+MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml") if path.stem not in NOT_STANDALONE)
 METRIC_KEYS = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "mad"}
 TRAIN_IMAGES, TEST_IMAGES = 4, 3
 
@@ -48,6 +52,16 @@ MODEL_OVERRIDES = {
         "model.reconstructive_width": 8,
         "model.discriminative_width": 8,
     },
+    # the default dtd textures would have to be downloaded
+    "glass": {"model.anomaly_source": "synthetic"},
+    "afclip": {
+        # ViT-L-14-336 is 300M parameters: a CLIP of two image blocks; few-shot (one reference image) so that the
+        # memory bank is covered too (its adapter trains on the synthetic weave test split in either case)
+        **{f"model.clip_architecture.{key}": value for key, value in dict(
+            embed_dim=16, vision_width=32, vision_layers=2, vision_head_width=16, text_width=32, text_heads=2,
+            text_layers=1).items()},
+        "dataset.k_shot": 1,
+    },
     "efficient_ad": {
         # its autoencoder ends in an 8x8 convolution on a 32 times smaller map
         "transform.image_size": [256, 256],
@@ -58,6 +72,12 @@ MODEL_OVERRIDES = {
         # neither the teacher file nor Imagenette exist in a test
         "model.pretrained_teacher": False,
         "model.imagenet_dir": None,
+    },
+    "musc": {
+        # ViT-L-14-336 is 300M parameters: a CLIP tower of two blocks, both scored
+        **{f"model.clip_architecture.{key}": value for key, value in dict(
+            embed_dim=16, vision_width=32, vision_layers=2, vision_head_width=16).items()},
+        "model.layers": ["transformer.resblocks.0", "transformer.resblocks.1"],
     },
     "winclip": {
         # ViT-B-16-plus-240 takes about a minute on one core to encode its 231 prompts: a CLIP of a few layers
@@ -72,6 +92,8 @@ MODEL_OVERRIDES = {
 MODEL_CHOICES = {
     # its config selects anomalib's ViT-B; ViT-S is the same architecture, a quarter of the cost
     "dinomaly": {"backbone": "dinov2_vits14_reg4"},
+    # the same for INP-Former
+    "inp_former": {"backbone": "dinov2_vits14_reg4"},
 }
 
 
@@ -213,6 +235,10 @@ def test_model_follows_the_contract(name, tmp_path):
     torch.testing.assert_close(reloaded.pred_score, outputs.pred_score, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reloaded.anomaly_map, outputs.anomaly_map, rtol=1e-5, atol=1e-6)
 
+    # tiled: images half again as large, cut into overlapping tiles of the model's size; the stitched map has the
+    # image's size and each image's score is the largest score the model gives its tiles on their own
+    check_tiled_prediction(trainer, size)
+
     # ONNX, where the model says its evaluation is one graph with a free batch axis: traced on 2 images,
     # run on 3 in onnxruntime and compared with PyTorch as tools/export.py does
     if not trainer.exportable:
@@ -226,6 +252,25 @@ def test_model_follows_the_contract(name, tmp_path):
     for found, expected in ((scores, outputs.pred_score.numpy()), (maps, outputs.anomaly_map.numpy())):
         # absolute up to 1, relative to the largest value above (the export tool's rule)
         np.testing.assert_allclose(found, expected, rtol=0, atol=TOLERANCE * max(1.0, np.abs(expected).max()))
+
+
+def check_tiled_prediction(trainer, size):
+    tiled_size = size * 3 // 2
+    tiler = Tiler((size, size), (size // 2, size // 2))
+    if not trainer.tileable:
+        with pytest.raises(ConfigError, match="cannot be tiled"):
+            trainer.configure_tiling(tiler, 2, "tile")
+        return
+    trainer.configure_tiling(tiler, 2, "tile")
+    tiled_set = stripes(trainer, 2, anomalous_every=2, seed=2, size=tiled_size)
+    tiled = trainer.predict(loader(tiled_set, 1))
+    assert tiled["anomaly_map"].shape == (2, 1, tiled_size, tiled_size)
+    assert torch.isfinite(tiled["anomaly_map"]).all()
+    tiles = tiler.tile(torch.stack([item["image"] for item in tiled_set.items]))
+    assert len(tiles) == 2 * 4
+    tile_scores = torch.cat([predict(trainer, tiles[start:start + 2]).pred_score for start in range(0, 8, 2)])
+    torch.testing.assert_close(tiled["pred_score"], tile_scores.reshape(2, 4).amax(dim=1), rtol=1e-5, atol=1e-6)
+    trainer.configure_tiling(None, None)
 
 
 def read_records(sweep_dir):

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 from defectvad.engine.base_trainer import BaseTrainer
 from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.engine.early_stopping import EarlyStopping
-from defectvad.errors import TrainingError
+from defectvad.errors import ConfigError, TrainingError
 
 
 class BlobDataset(Dataset):
@@ -181,3 +181,16 @@ def test_non_finite_tensors_are_found_without_missing_one():
     named = [("ok", torch.tensor([1.0, 1e30])), ("nan", torch.tensor([0.0, float("nan")])),
              ("inf", torch.tensor([-float("inf"), 0.0])), ("ints", torch.arange(3)), ("empty", torch.empty(0))]
     assert find_non_finite(named) == ["nan", "inf"]
+
+
+@pytest.mark.parametrize("lr", [1e300, float("nan"), -1.0])
+def test_a_learning_rate_the_weights_cannot_take_stops_before_the_first_step(lr):
+    # torch's optimizers refuse a negative rate when built, not one set later (a scheduler's); 1e300 not at all
+    trainer = RecordingTrainer().configure_engine(max_epochs=1)
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.05)
+    optimizer.param_groups[0]["lr"] = lr
+    trainer.configure_optimizers = lambda: optimizer
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    with pytest.raises(ConfigError, match="learning rate"):
+        trainer.fit(DataLoader(BlobDataset(4), batch_size=2))
+    assert all(torch.equal(before[name], value) for name, value in trainer.model.state_dict().items())

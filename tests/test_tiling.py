@@ -1,8 +1,15 @@
 # tests/test_tiling.py
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from defectvad.components.tiler import Tiler, covered_size
 from defectvad.data.loaders import create_dataloader
@@ -11,6 +18,8 @@ from defectvad.errors import ConfigError
 from defectvad.metrics.evaluation import compute_metrics
 from defectvad.metrics.pixel_histogram import PixelHistogram
 from defectvad.metrics.streamed_pixels import StreamedPixels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_covered_size_is_the_smallest_that_whole_tiles_reach():
@@ -182,3 +191,44 @@ def test_full_resolution_maps_are_resized_to_their_masks():
     # each category has its own histogram: category a holds images 0 and 1
     exact_a = compute_metrics([0, 1], [0, 1], resized[:2], masks[:2])
     assert abs(sink.categories["a"].metrics()["auroc"] - exact_a["pixel_auroc"]) < 2e-4
+
+
+def write_panels(root):
+    # 160-pixel grey noise; defects are bright squares with their masks
+    rng = np.random.default_rng(0)
+    for folder in ("good", "bad", "masks"):
+        (root / folder).mkdir(parents=True)
+    for index in range(6):
+        noise = rng.normal(120, 10, (160, 160, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(noise).save(root / "good" / f"{index}.png")
+    for index in range(2):
+        image, mask = rng.normal(120, 10, (160, 160, 3)).clip(0, 255).astype(np.uint8), np.zeros((160, 160), np.uint8)
+        image[40 * index + 20:40 * index + 50, 60:90], mask[40 * index + 20:40 * index + 50, 60:90] = 250, 255
+        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
+
+
+def test_a_tiled_run_at_full_resolution_records_how_it_was_judged(tmp_path):
+    # 160-pixel images resized to 96, cut into 64-pixel tiles every 32 (2x2), the stitched 96-pixel maps judged
+    # against the 160-pixel masks
+    write_panels(tmp_path / "panels")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, str(ROOT / "src" / "run.py"), "hardware=cpu", "backbone=resnet18",
+               "backbone.pretrained=false", "dataset=folder", f"dataset.root={tmp_path / 'panels'}",
+               "dataset.abnormal_dir=bad", "dataset.mask_dir=masks", "transform.image_size=[96,96]",
+               "tiling.tile_size=64", "tiling.stride=32", "evaluation.full_resolution=true",
+               "evaluation.efficiency=false", "trainer.progress_bar=false", f"paths.backbone_dir={tmp_path}",
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    assert record["evaluation"]["tiling"] == {"tile_size": [64, 64], "stride": [32, 32], "mode": "padding",
+                                              "image_score": "tile", "tiles_per_image": 4}
+    assert record["evaluation"]["resolution"].startswith("full")
+    assert all(0.0 <= value <= 1.0 for value in record["metrics"].values())
+    # bright squares on noise: found at full resolution too
+    assert record["metrics"]["pixel_auroc"] > 0.9
+    # pictures are drawn at the size of the kept maps
+    assert list((tmp_path / "run" / "images").glob("*.png"))

@@ -80,18 +80,34 @@ def check_run(cfg):
         verify_weights(weights_path)
     set_threads(cfg.hardware.threads)
     seed_everything(cfg.seed)
+    check_lpips(cfg)
     return device, weights_path
 
 
+def check_lpips(cfg):
+    # evaluation.lpips=<net> needs its two files before any work
+    from defectvad.metrics.lpips import choose_lpips_net
+
+    choose_lpips_net(cfg.evaluation.get("lpips"), cfg.paths.backbone_dir)
+
+
 def build_trainer(cfg, run_dir, device, weights_path):
-    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all")
+    from defectvad.engine.tiling import create_tiler
+
+    tiler = create_tiler(cfg.get("tiling"), cfg.transform.center_crop or cfg.transform.image_size)
+    # a model built for a fixed input size is built for the tile
+    sized = {"input_size": list(tiler.tile_size)} if tiler is not None and "input_size" in cfg.model else {}
+    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all", **sized)
     if trainer.learning_type not in LEARNING_TYPES:
         raise ConfigError(f"{type(trainer).__name__}.learning_type is '{trainer.learning_type}'; "
                           f"it must be one of: {', '.join(LEARNING_TYPES)}")
     engine = OmegaConf.to_container(cfg.trainer, resolve=True)
     engine.pop("validation", None)  # which split validates is the run's choice (build_data), not the loop's
-    return trainer.configure_engine(device=device, precision=cfg.hardware.precision, weights_dir=run_dir / "weights",
-                                    **engine)
+    trainer.configure_engine(device=device, precision=cfg.hardware.precision, weights_dir=run_dir / "weights",
+                             **engine)
+    if tiler is not None:
+        trainer.configure_tiling(tiler, cfg.tiling.batch_size or cfg.loader.eval_batch_size, cfg.tiling.image_score)
+    return trainer
 
 
 def build_data(cfg, trainer, dataset_name):
@@ -110,14 +126,28 @@ def build_data(cfg, trainer, dataset_name):
     log.info("%s: %d train (%s), %d held-out normal and %d test images", dataset_name, counts["train_images"],
              trainer.learning_type, counts["holdout_images"], counts["test_images"])
 
-    def loader(dataset, batch_size=cfg.loader.eval_batch_size, shuffle=False):
+    # a tiled run evaluates one image at a time (its tiles in batches of tiling.batch_size)
+    eval_batch_size = 1 if trainer.tiler is not None else cfg.loader.eval_batch_size
+
+    def loader(dataset, batch_size=eval_batch_size, shuffle=False):
         if dataset is None:
             return None
         return create_dataloader(dataset, batch_size, shuffle, cfg.hardware.num_workers, cfg.seed)
 
-    return {"train": loader(train_set, cfg.loader.train_batch_size, True), "test": loader(test_set),
+    return {"train": build_train_loader(cfg, trainer, train_set, loader), "test": loader(test_set),
             "holdout": loader(holdout_set), "validation": loader(validation_set), "test_set": test_set,
             "validation_split": validation_split, "k_shot": k_shot, "counts": counts}
+
+
+def build_train_loader(cfg, trainer, train_set, loader):
+    # a tiled run trains on batches of tiles, cut from as few images as fill one
+    from defectvad.engine.tiling import TiledLoader, images_per_tile_batch
+
+    if train_set is None or trainer.tiler is None:
+        return loader(train_set, cfg.loader.train_batch_size, True)
+    images = images_per_tile_batch(trainer.tiler, cfg.transform.center_crop or cfg.transform.image_size,
+                                   cfg.loader.train_batch_size)
+    return TiledLoader(loader(train_set, images, True), trainer.tiler, cfg.loader.train_batch_size, cfg.seed)
 
 
 def resolve_k_shot(trainer, k_shot):
@@ -179,6 +209,7 @@ def build_validation_set(cfg, trainer, test_set, holdout_set):
 def fit_model(trainer, data):
     # with early stopping, the reported metrics and later predictions use the best epoch's weights
     started = time.perf_counter()
+    trainer.holdout_loader = data["holdout"]
     trainer.fit(data["train"], data["validation"])
     best_weights = trainer.load_best_weights()
     return time.perf_counter() - started, best_weights
@@ -190,24 +221,57 @@ def evaluate_model(cfg, trainer, data):
 
     started = time.perf_counter()
     trainer.prepare(data["test"])
-    predictions = trainer.predict(data["test"])
+    sink, stored_size = create_pixel_sink(cfg, trainer, data["test_set"])
+    meter = create_reconstruction_meter(cfg, trainer)
+    predictions = trainer.predict(data["test"], pixel_sink=sink, stored_size=stored_size, observe=meter)
     test_s = time.perf_counter() - started
     masks = predictions["mask"][:, 0] if predictions["has_masks"] else None
+    fpr_limit = cfg.evaluation.aupro_fpr_limit
+    histogram = sink.total if sink is not None and masks is not None else None
     metrics = compute_metrics(predictions["pred_score"], predictions["label"], predictions["anomaly_map"][:, 0],
-                              masks, fpr_limit=cfg.evaluation.aupro_fpr_limit)
+                              masks, fpr_limit=fpr_limit, pixel_histogram=histogram)
     if "category" in data["test_set"].samples[0]:
-        metrics = add_category_metrics(metrics, predictions, data["test_set"].samples, cfg.evaluation.aupro_fpr_limit)
-    holdout = None if data["holdout"] is None else trainer.predict(data["holdout"])
+        metrics = add_category_metrics(metrics, predictions, data["test_set"].samples, fpr_limit,
+                                       None if histogram is None else sink.categories)
+    holdout = None if data["holdout"] is None else trainer.predict(data["holdout"], stored_size=stored_size)
     thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile)
+    if meter is not None and meter.count:
+        metrics["reconstruction"] = meter.summary()
     return predictions, metrics, thresholds, test_s
 
 
-def add_category_metrics(metrics, predictions, samples, fpr_limit):
+def create_reconstruction_meter(cfg, trainer):
+    # display-quality figures of reconstruction models (autoencoder, VAE, DRAEM), which compare their output with
+    # the input image in [0, 1]: not when the inputs are normalised
+    from defectvad.metrics.reconstruction import ReconstructionMeter
+
+    normalized = trainer.normalize_input if cfg.transform.normalize is None else cfg.transform.normalize
+    if normalized:
+        return None
+    return ReconstructionMeter(cfg.evaluation.get("lpips"), cfg.paths.backbone_dir)
+
+
+def create_pixel_sink(cfg, trainer, test_set):
+    # tiled or full-resolution runs stream their maps into pixel histograms and keep small copies (the tile's size,
+    # or the input size) for thresholds and pictures; other runs keep their maps and judge them exactly
+    from defectvad.metrics.streamed_pixels import StreamedPixels
+
+    full_resolution = cfg.evaluation.get("full_resolution", False)
+    if full_resolution and cfg.transform.center_crop is not None:
+        raise ConfigError("evaluation.full_resolution=true compares maps with the whole original masks, but "
+                          "transform.center_crop cuts the border off the map; set transform.center_crop=null")
+    if not full_resolution and trainer.tiler is None:
+        return None, None
+    stored_size = None if trainer.tiler is None else trainer.tiler.tile_size
+    return StreamedPixels(test_set, full_resolution), stored_size
+
+
+def add_category_metrics(metrics, predictions, samples, fpr_limit, histograms=None):
     # one model for several categories: metrics per category and their mean; the F1 thresholds stay those
     # of all the test images together (one threshold for the model)
     from defectvad.metrics.per_category import compute_category_metrics, mean_metrics
 
-    per_category = compute_category_metrics(predictions, samples, fpr_limit)
+    per_category = compute_category_metrics(predictions, samples, fpr_limit, histograms)
     return {**metrics, **mean_metrics(per_category), "per_category": per_category,
             "pooled": {key: metrics[key] for key in METRIC_KEYS}}
 
@@ -218,6 +282,7 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
     return {
         "metrics": {key: metrics[key] for key in METRIC_KEYS},
         **describe_categories(metrics),
+        **({"reconstruction": metrics["reconstruction"]} if "reconstruction" in metrics else {}),
         "thresholds": thresholds,
         "timing": timing,
         "resources": read_peak_memory(device),
@@ -226,7 +291,7 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
         "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
                         "precision": cfg.hardware.precision},
         "evaluation": {
-            "resolution": list(predictions["anomaly_map"].shape[-2:]),
+            **describe_resolution(cfg, trainer, predictions),
             "image_score": "pred_score of the model (raw, not normalised)",
             "mask_threshold": "mask pixels > 0 are anomalous",
             "aupro_fpr_limit": cfg.evaluation.aupro_fpr_limit,
@@ -235,6 +300,30 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
             **data["counts"],
         },
     }
+
+
+def describe_resolution(cfg, trainer, predictions):
+    size = list(predictions["anomaly_map"].shape[-2:])
+    if trainer.tiler is not None:
+        tiler = trainer.tiler
+        size = list(to_pair(cfg.transform.center_crop or cfg.transform.image_size))
+        tiling = {"tile_size": list(tiler.tile_size), "stride": list(tiler.stride), "mode": tiler.mode,
+                  "image_score": trainer.tile_image_score, "tiles_per_image": tiler.count(size)}
+    else:
+        tiling = None
+    if cfg.evaluation.get("full_resolution", False):
+        resolution = "full: each map resized (bilinear) to its image's own size"
+    else:
+        resolution = size
+    streamed = ("pixel histograms of 2^20 score bins, streamed image by image (exact for scores rounded to 12 "
+                "significant bits)" if tiling or cfg.evaluation.get("full_resolution", False) else "exact")
+    return {"resolution": resolution, "pixel_metrics": streamed, "tiling": tiling}
+
+
+def to_pair(size):
+    from defectvad.data.transforms import to_size_pair
+
+    return to_size_pair(OmegaConf.to_object(size) if OmegaConf.is_config(size) else size, "transform.image_size")
 
 
 def describe_categories(metrics):
@@ -296,7 +385,11 @@ def measure_run_efficiency(cfg, trainer, test_set, device, timing, resources):
 
     try:
         count = min(len(test_set), cfg.evaluation.efficiency_batch_size)
-        images = torch.stack([test_set[index]["image"] for index in range(count)])
+        if trainer.tiler is not None:
+            # a tiled model's forward takes tiles: the figures are per tile
+            images = trainer.tiler.tile(test_set[0]["image"].unsqueeze(0))[:count]
+        else:
+            images = torch.stack([test_set[index]["image"] for index in range(count)])
         figures = measure_efficiency(trainer.model, images, device, cfg.hardware.precision,
                                      cfg.evaluation.efficiency_warmup, cfg.evaluation.latency_repeats,
                                      cfg.evaluation.efficiency_batch_size, cfg.evaluation.throughput_repeats)
@@ -311,11 +404,15 @@ def save_run_images(cfg, folder, predictions, defect_types, thresholds):
     from defectvad.data.transforms import create_transform
     from defectvad.visualization.run_images import write_run_images
 
+    from torchvision.transforms.v2 import functional as TF
+
     display = create_transform(cfg.transform, cfg.backbone.name, False)
     max_pixels = cfg.dataset.get("max_image_pixels")
+    # at the size of the kept maps (a tiled run keeps them at the tile's size)
+    size = list(predictions["anomaly_map"].shape[-2:])
     try:
         write_run_images(folder, predictions, defect_types, thresholds,
-                         lambda path: display(read_image(path, max_pixels))[0],
+                         lambda path: TF.resize(display(read_image(path, max_pixels))[0], size, antialias=True),
                          cfg.evaluation.images_per_type)
     except Exception as error:
         log.warning("pictures not written to %s: %s", folder, error)

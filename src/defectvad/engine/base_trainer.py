@@ -10,6 +10,7 @@ from tqdm import tqdm
 from defectvad.engine.checkpoints import load_weights, save_weights
 from defectvad.engine.devices import autocast
 from defectvad.engine.early_stopping import EarlyStopping
+from defectvad.engine.tiling import predict_tiles
 from defectvad.errors import ConfigError, TrainingError
 from defectvad.metrics.evaluation import compute_metrics
 
@@ -27,6 +28,8 @@ class BaseTrainer:
     default_k_shot = None
     # whether tools/export.py can write the evaluation forward as one ONNX graph with a free batch axis
     exportable = True
+    # whether evaluation may cut images into tiles (not for a model that scores the test set as a whole)
+    tileable = True
 
     def __init__(self):
         self.model = None
@@ -48,6 +51,13 @@ class BaseTrainer:
         self.train_losses = []
         # weights file name -> the epoch whose finite state it holds, as saved by this run
         self.saved_weights = {}
+        # tiled runs (configure_tiling): evaluation cuts each image into tiles and stitches the maps back
+        self.tiler = None
+        self.tile_batch_size = None
+        self.tile_image_score = "tile"
+        # the loader of held-out normal images (evaluation.holdout), set before fit for a model that calibrates
+        # on them (model=ensemble); None without a holdout
+        self.holdout_loader = None
 
     def configure_engine(self, device="cpu", precision="fp32", max_epochs=None, max_steps=None,
                          gradient_clip_val=None, check_val_every_n_epoch=1, early_stopping=None,
@@ -90,11 +100,27 @@ class BaseTrainer:
         # None (nothing learned by gradient), an optimizer, or (optimizer, scheduler)
         return None
 
+    def configure_tiling(self, tiler, batch_size, image_score="tile"):
+        if tiler is not None and not self.tileable:
+            raise ConfigError(f"{type(self).__name__} scores the test images as a whole and cannot be tiled; "
+                              f"set tiling.tile_size=null")
+        self.tiler = tiler
+        self.tile_batch_size = batch_size
+        self.tile_image_score = image_score
+        return self
+
     def training_step(self, batch, batch_idx):
         raise NotImplementedError
 
     def validation_step(self, batch, batch_idx):
         return self.model(batch["image"])
+
+    def evaluation_step(self, batch, batch_idx):
+        # validation_step on the batch, or on its tiles with the maps stitched back
+        if self.tiler is None:
+            return self.validation_step(batch, batch_idx)
+        return predict_tiles(self.validation_step, batch, batch_idx, self.tiler, self.tile_batch_size,
+                             self.tile_image_score)
 
     def learns_by_gradient(self):
         return self.optimizer is not None
@@ -147,6 +173,8 @@ class BaseTrainer:
             self.optimizer, self.scheduler = configured
         else:
             self.optimizer, self.scheduler = configured, None
+        if self.optimizer is not None:
+            check_learning_rates(self.optimizer)
 
     def run_train_epoch(self, train_loader):
         bar = self.create_progress_bar(train_loader, f"epoch {self.current_epoch + 1}/{self.max_epochs}")
@@ -223,7 +251,9 @@ class BaseTrainer:
             self.should_stop = self.should_stop or self.early_stopping.should_stop
 
     @torch.no_grad()
-    def predict(self, loader, hooks=False):
+    def predict(self, loader, hooks=False, pixel_sink=None, stored_size=None, observe=None):
+        # pixel_sink: takes each batch's maps as they come (StreamedPixels); stored_size: the maps and masks kept
+        # for the run are max-pooled to it (a small defect stays visible), so a tiled run's memory stays bounded
         self.model.to(self.device)
         self.model.eval()
         if hooks:
@@ -234,13 +264,18 @@ class BaseTrainer:
             if hooks:
                 self.on_validation_batch_start(batch, batch_idx)
             with autocast(self.device, self.precision):
-                outputs = self.validation_step(batch, batch_idx)
+                outputs = self.evaluation_step(batch, batch_idx)
             if hooks:
                 self.on_validation_batch_end(outputs, batch, batch_idx)
+            if pixel_sink is not None:
+                pixel_sink.add(outputs["anomaly_map"], batch)
+            if observe is not None:
+                # observe(batch, outputs): e.g. ReconstructionMeter, which reads the model's extras
+                observe(batch, outputs)
             scores.append(outputs["pred_score"].float().cpu().reshape(-1))
-            maps.append(outputs["anomaly_map"].float().cpu())
+            maps.append(shrink(outputs["anomaly_map"].float(), stored_size).cpu())
             labels.append(batch["label"].cpu())
-            masks.append(batch["mask"].cpu())
+            masks.append(shrink(batch["mask"], stored_size).cpu())
             paths.extend(batch["image_path"])
         if hooks:
             self.on_validation_epoch_end()
@@ -277,6 +312,25 @@ class BaseTrainer:
     def create_progress_bar(self, loader, description):
         disable = not sys.stderr.isatty() if self.progress_bar is None else not self.progress_bar
         return tqdm(loader, desc=description, leave=False, disable=disable, dynamic_ncols=True)
+
+
+def check_learning_rates(optimizer):
+    # a rate the weights' float type cannot hold would stop the first step with torch's overflow error
+    largest = torch.finfo(torch.float32).max
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 <= lr <= largest):
+            raise ConfigError(f"the learning rate {lr} is not allowed: it must be a finite number from 0 to "
+                              f"{largest:.3g} (set model.lr, or the model's learning-rate key, to a usual value "
+                              f"such as 0.001)")
+
+
+def shrink(maps, size):
+    if size is None or tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return torch.nn.functional.adaptive_max_pool2d(maps, tuple(size))
 
 
 def find_non_finite(named_tensors):

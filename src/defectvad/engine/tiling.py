@@ -83,7 +83,8 @@ class TiledLoader:
     def __len__(self):
         images, per_batch = len(self.loader.dataset), self.loader.batch_size
         full, rest = divmod(images, per_batch)
-        return full * math.ceil(per_batch * self.count / self.batch_size) + math.ceil(rest * self.count / self.batch_size)
+        batches = math.ceil(per_batch * self.count / self.batch_size)
+        return full * batches + math.ceil(rest * self.count / self.batch_size)
 
     def __iter__(self):
         for batch in self.loader:
