@@ -82,8 +82,8 @@ def measure_efficiency(model, images, device, precision="fp32", warmup=2, latenc
     return {
         "parameters": count_parameters(model),
         "flops_per_image": count_flops(model, single) // single.shape[0],
-        "flops_note": FLOPS_NOTE + (f"; batch-level model: one forward over {batch_size} images, per image"
-                                    if batch_level else ""),
+        "flops_note": (FLOPS_NOTE.replace("at batch 1", f"over a set of {batch_size} images, per image "
+                                                        f"(batch-level model)") if batch_level else FLOPS_NOTE),
         "input_shape": list(single.shape[1:]),
         "latency_ms": round(statistics.median(latency) * 1000, 3),
         "latency": {"batch_size": single.shape[0], "warmup": warmup, "repeats": latency_repeats,
