@@ -5,6 +5,7 @@ import torch
 
 from defectvad.engine.base_trainer import BaseTrainer
 from defectvad.engine.devices import autocast
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.errors import DatasetError
 from defectvad.models.musc.torch_model import BACKBONE, MuscModel
 
@@ -65,8 +66,7 @@ class MuscTrainer(BaseTrainer):
         if self.set_rows is None:
             return self.model(batch["image"])
         rows = torch.tensor([self.set_rows[path] for path in batch["image_path"]], device=self.device)
-        outputs = self.set_outputs
-        return type(outputs)(outputs.pred_score[rows], outputs.anomaly_map[rows])
+        return InferenceBatch(self.set_outputs.pred_score[rows], self.set_outputs.anomaly_map[rows])
 
     def summary(self):
         return {"learning_type": self.learning_type, "backbone": self.model.backbone, "layers": self.model.layers,
