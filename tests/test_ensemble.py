@@ -186,7 +186,8 @@ def panels(tmp_path_factory):
     for folder in ("good", "bad", "masks"):
         (root / folder).mkdir()
     for index in range(16):
-        Image.fromarray(rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)).save(root / "good" / f"{index}.png")
+        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "good" / f"{index}.png")
     for index, top in enumerate((2, 12, 20)):
         image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
         mask = np.zeros((32, 32), np.uint8)
