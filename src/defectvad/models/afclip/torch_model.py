@@ -165,18 +165,18 @@ class AfClipModel(DynamicBufferMixin):
         return torch.cat([pos[:1], patches.flatten(2).transpose(1, 2)[0]])
 
     def encode_image(self, images, layers):
-        # the tokens (class token first) after the given blocks (1-based), before ln_post
+        # {block (1-based): its tokens, class token first, before ln_post}, the patch grid
         visual = self.clip.visual
         x = visual.conv1(images)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = visual.ln_pre(x + self.position_embedding(grid).to(x.dtype))
-        tokens = []
+        tokens = {}
         for index, block in enumerate(visual.transformer.resblocks[:max(layers)]):
             x = block(x)
             if index + 1 in layers:
-                tokens.append(x)
+                tokens[index + 1] = x
         return tokens, tuple(grid)
 
     def aggregate_neighbor(self, tokens, grid, size):
@@ -192,24 +192,24 @@ class AfClipModel(DynamicBufferMixin):
     def aggregate_neighbors(self, layer_tokens, grid):
         return [self.aggregate_neighbor(tokens, grid, size) for tokens in layer_tokens for size in self.kernel_sizes]
 
-    def detect_encode_image(self, images):
-        layer_tokens, grid = self.encode_image(images, self.feature_layers)
+    def detect_encode_image(self, encoded, grid):
         visual = self.clip.visual
-        tokens = [visual.ln_post(self.adaptor(t)) @ visual.proj for t in self.aggregate_neighbors(layer_tokens, grid)]
-        return tokens, grid
+        layer_tokens = [encoded[layer] for layer in self.feature_layers]
+        return [visual.ln_post(self.adaptor(t)) @ visual.proj for t in self.aggregate_neighbors(layer_tokens, grid)]
 
-    def detect_forward_seg(self, images):
+    def detect_forward_seg(self, images, encoded=None):
         # zero-shot: (image probability of "with defect" from the class token (B,), patch map (B, 1, h, w),
         # the adapted tokens of each smoothed layer for the alignment loss)
         text_features = self.state_text_features()
-        tokens, grid = self.detect_encode_image(images)
+        encoded, grid = encoded or self.encode_image(images, self.feature_layers)
+        tokens = self.detect_encode_image(encoded, grid)
         logits = sum(F.normalize(t, dim=-1) @ text_features.T / self.temperature for t in tokens)
         prob = logits.softmax(dim=-1)[..., 1]
         return prob[:, 0], prob[:, 1:].reshape(-1, 1, *grid), tokens
 
-    def memory_tokens(self, images):
-        layer_tokens, grid = self.encode_image(images, self.memory_layers)
-        tokens = self.aggregate_neighbors(layer_tokens, grid)
+    def memory_tokens(self, images, encoded=None):
+        encoded, grid = encoded or self.encode_image(images, self.memory_layers)
+        tokens = self.aggregate_neighbors([encoded[layer] for layer in self.memory_layers], grid)
         return torch.stack([F.normalize(t, dim=-1)[:, 1:] for t in tokens], dim=1), grid
 
     @torch.no_grad()
@@ -225,8 +225,8 @@ class AfClipModel(DynamicBufferMixin):
         # (smoothed layers, k * patches, width)
         self.memorybank = tokens.transpose(0, 1).reshape(tokens.shape[1], -1, tokens.shape[-1])
 
-    def detect_forward_memorybank(self, images):
-        tokens, grid = self.memory_tokens(images)
+    def detect_forward_memorybank(self, images, encoded=None):
+        tokens, grid = self.memory_tokens(images, encoded)
         if tokens.shape[1] != self.memorybank.shape[0] or tokens.shape[-1] != self.memorybank.shape[-1]:
             raise TrainingError("AF-CLIP's reference tokens were stored with other layers or another CLIP; "
                                 "fit it again on the k reference images")
@@ -238,9 +238,13 @@ class AfClipModel(DynamicBufferMixin):
         if self.training:
             return self.detect_forward_seg(images)
         with torch.no_grad():
-            score, patch_map, _ = self.detect_forward_seg(images)
-            if self.memorybank.numel():
-                memory_score, memory_map = self.detect_forward_memorybank(images)
+            # one pass through the image tower for both the adapted and the memory blocks
+            few_shot = self.memorybank.numel() > 0
+            layers = sorted(set(self.feature_layers) | set(self.memory_layers if few_shot else ()))
+            encoded = self.encode_image(images, layers)
+            score, patch_map, _ = self.detect_forward_seg(images, encoded)
+            if few_shot:
+                memory_score, memory_map = self.detect_forward_memorybank(images, encoded)
                 patch_map = memory_map + self.alpha * patch_map
                 score = memory_score + self.alpha * score
         return InferenceBatch(pred_score=score, anomaly_map=self.anomaly_map_generator(patch_map, images.shape[-2:]))
