@@ -140,6 +140,12 @@ class GlassModel(nn.Module):
             return project_to_ring(gaus_feats, true_feats, 0.5, 1.0)
         return gaus_feats
 
+    def bce(self, scores, target):
+        # binary cross-entropy on probabilities is refused under CUDA's autocast: always computed in fp32
+        with torch.autocast(scores.device.type, enabled=False):
+            scores = scores.float()
+            return self.bce_loss(scores, torch.full_like(scores, target))
+
     def downsample_mask(self, mask, grid):
         # the pixel mask of the pasted textures -> one label per patch: max pooling, nearest where sizes do not fit
         if mask.shape[-2:] == tuple(grid):
@@ -170,14 +176,14 @@ class GlassModel(nn.Module):
         center = self.center.repeat(img.shape[0], 1, 1).reshape(-1, self.center.shape[-1])
         true_points = torch.cat([fake_feats[is_normal], true_feats])
         c_t_points = torch.cat([center[is_normal], center])
-        r_t = torch.quantile(torch.linalg.vector_norm(true_points - c_t_points, dim=1), q=self.radius_quantile)
+        r_t = torch.quantile(torch.linalg.vector_norm(true_points - c_t_points, dim=1).float(), q=self.radius_quantile)
         r_t = r_t.unsqueeze(0)
 
         for step in range(self.step + 1):
             scores = self.discriminator(torch.cat([true_feats, gaus_feats]))
             true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
-            true_loss = self.bce_loss(true_scores, torch.zeros_like(true_scores))
-            gaus_loss = self.bce_loss(gaus_scores, torch.ones_like(gaus_scores))
+            true_loss = self.bce(true_scores, 0.0)
+            gaus_loss = self.bce(gaus_scores, 1.0)
             bce_loss = true_loss + gaus_loss
             if step == self.step or not self.mining:
                 break
@@ -192,7 +198,7 @@ class GlassModel(nn.Module):
         fake_scores_, mask_ = fake_scores, mask_s_gt
         if self.focal_loss_quantile_threshold > 0:
             fake_dist = (fake_scores - mask_s_gt) ** 2
-            hard = fake_dist >= torch.quantile(fake_dist, q=self.focal_loss_quantile_threshold)
+            hard = fake_dist >= torch.quantile(fake_dist.float(), q=self.focal_loss_quantile_threshold)
             fake_scores_, mask_ = fake_scores[hard].unsqueeze(1), mask_s_gt[hard].unsqueeze(1)
         focal_loss = self.focal_loss(torch.cat([1 - fake_scores_, fake_scores_], dim=1), mask_)
         return {"loss": bce_loss + focal_loss, "true_loss": true_loss, "gaus_loss": gaus_loss,
