@@ -1,4 +1,6 @@
 # tests/test_tiling.py
+import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -232,3 +234,17 @@ def test_a_tiled_run_at_full_resolution_records_how_it_was_judged(tmp_path):
     assert record["metrics"]["pixel_auroc"] > 0.9
     # pictures are drawn at the size of the kept maps
     assert list((tmp_path / "run" / "images").glob("*.png"))
+
+    # tools/predict.py rebuilds the tiled model and scores the test images as the run did
+    spec = importlib.util.spec_from_file_location("predict_tool", ROOT / "tools" / "predict.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "run"), str(tmp_path / "panels" / "bad"), "--out", str(tmp_path / "out"),
+                      "--no-pictures", "--device", "cpu"]) == 0
+    with open(tmp_path / "run" / "test_scores.csv") as file:
+        expected = {Path(row["image_path"]).name: float(row["pred_score"]) for row in csv.DictReader(file)}
+    with open(tmp_path / "out" / "predictions.csv") as file:
+        found = {Path(row["path"]).name: float(row["score"]) for row in csv.DictReader(file)}
+    assert set(found) == {"b0.png", "b1.png"}
+    for name, score in found.items():
+        assert score == pytest.approx(expected[name], rel=1e-5)

@@ -32,6 +32,12 @@ def create_tiler(settings, image_size):
     return Tiler(tile_size, stride, settings.mode)
 
 
+def tiled_model_settings(cfg, tiler):
+    # a model built for a fixed input size (model.input_size) is built for the tile; the same rule when a trained
+    # run is rebuilt
+    return {"input_size": list(tiler.tile_size)} if tiler is not None and "input_size" in cfg.model else {}
+
+
 def tile_batch(batch, tiler, count):
     # every image-sized tensor is cut into tiles; per-image values and names repeat once per tile
     tiled = {}

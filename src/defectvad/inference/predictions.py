@@ -7,6 +7,7 @@ from torchvision.transforms import functional as F
 
 from defectvad.data.images import IMAGE_EXTENSIONS, is_image_file, read_image
 from defectvad.engine.devices import autocast
+from defectvad.engine.tiling import predict_tiles
 from defectvad.errors import ConfigError, DatasetError
 
 
@@ -39,13 +40,30 @@ def predict_batch(model, inputs, device, precision):
     return outputs["pred_score"].float().cpu().reshape(-1), outputs["anomaly_map"].float().cpu()
 
 
+def predict_run_batch(run, inputs):
+    # a tiled run cuts each image into tiles, as in its evaluation, and stitches the maps back
+    if run.tiler is None:
+        return predict_batch(run.model, inputs, run.device, run.precision)
+    settings = run.cfg.tiling
+    batch_size = settings.batch_size or run.cfg.loader.eval_batch_size
+    step = lambda tiles, _: dict(zip(("pred_score", "anomaly_map"),  # noqa: E731
+                                     predict_batch(run.model, tiles["image"], run.device, run.precision)))
+    outputs = [predict_tiles(step, {"image": image.unsqueeze(0)}, 0, run.tiler, batch_size, settings.image_score)
+               for image in inputs]
+    return (torch.cat([output["pred_score"] for output in outputs]),
+            torch.cat([output["anomaly_map"] for output in outputs]))
+
+
 def predict_files(run, paths, batch_size, skipped):
     # yields (path, picture, score, anomaly map (H, W)) batch by batch; unreadable files go to `skipped`
-    # as (path, reason) and the rest carry on
+    # as (path, reason) and the rest carry on. A model that scores a set of images together (MuSc) gets them all
+    # as one batch
     pending = []
+    if getattr(run.model, "batch_level", False):
+        batch_size = len(paths)
 
     def flush():
-        scores, maps = predict_batch(run.model, torch.stack([x for _, _, x in pending]), run.device, run.precision)
+        scores, maps = predict_run_batch(run, torch.stack([x for _, _, x in pending]))
         for (path, picture, _), score, anomaly_map in zip(pending, scores.tolist(), maps[:, 0]):
             yield path, picture, score, anomaly_map
         pending.clear()

@@ -10,6 +10,7 @@ from defectvad.data.images import check_max_image_pixels
 from defectvad.data.transforms import create_transform
 from defectvad.engine.checkpoints import load_weights
 from defectvad.engine.devices import resolve_device
+from defectvad.engine.tiling import create_tiler, tiled_model_settings
 from defectvad.errors import ConfigError, DefectVADError
 
 # best.safetensors exists only when early stopping chose an epoch, whose weights the run's metrics come from
@@ -59,6 +60,9 @@ class TrainedRun:
         self.weights_path = next(self.run_dir / name for name in WEIGHT_FILES if (self.run_dir / name).is_file())
         self.device = resolve_device(device)
         self.precision = self.cfg.hardware.precision
+        # a tiled run predicts tile by tile, as it was evaluated
+        size = self.cfg.transform.center_crop or self.cfg.transform.image_size
+        self.tiler = create_tiler(self.cfg.get("tiling"), size)
         self.trainer = self.build_trainer()
         self.model = self.trainer.model.to(self.device).eval()
         normalize = self.cfg.transform.normalize
@@ -76,7 +80,8 @@ class TrainedRun:
         for key, value in TRAINING_ONLY.items():
             if key in model_cfg:
                 model_cfg[key] = value
-        trainer = instantiate(model_cfg, backbone=self.cfg.backbone.name, weights_path=None, _convert_="all")
+        trainer = instantiate(model_cfg, backbone=self.cfg.backbone.name, weights_path=None, _convert_="all",
+                              **tiled_model_settings(self.cfg, self.tiler))
         try:
             load_weights(trainer.model, self.weights_path)
         except RuntimeError as error:
