@@ -2,6 +2,7 @@
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from defectvad.errors import DefectVADError  # noqa: E402
 
 COLUMNS = ("path", "score", "label", "threshold", "threshold_kind", "picture")
+GRADE_COLUMNS = ("level", "type", "regions")
 
 
 def name_pictures(paths):
@@ -38,6 +40,7 @@ def predict(args):
     from defectvad.inference.runs import TrainedRun
     from defectvad.metrics.thresholds import select_threshold
     from defectvad.visualization.panels import describe, draw_panel
+    from defectvad.visualization.region_boxes import describe_grade, draw_region_boxes
     from defectvad.visualization.run_images import save_png
 
     run = TrainedRun(args.run_dir, args.device)
@@ -52,29 +55,49 @@ def predict(args):
     out.mkdir(parents=True, exist_ok=True)
     names = name_pictures(paths)
     batch_size = args.batch_size or run.cfg.loader.eval_batch_size
-    rows, skipped = [], []
+    grading = load_grading(run, args.no_grading)
+    rows, graded, skipped = [], [], []
     for path, picture, score, anomaly_map in predict_files(run, paths, batch_size, skipped):
         label = int(score >= image_threshold)
+        grade = None if grading is None else grading(picture, anomaly_map)
         picture_name = "" if args.no_pictures else names[path]
         if picture_name:
             caption = describe(f"{path.parent.name}/{path.name}", score, image_threshold, kind)
+            caption += "" if grade is None else f"; {describe_grade(grade[0], grade[1])}"
             panel = draw_panel(picture, anomaly_map.numpy(), pixel_threshold, run.thresholds["map_range"], caption)
+            if grade is not None:
+                draw_region_boxes(panel, grade[2])
             save_png(panel, out / picture_name)
         rows.append({"path": str(path), "score": score, "label": label, "threshold": image_threshold,
                      "threshold_kind": kind, "picture": picture_name})
+        if grade is not None:
+            rows[-1].update({"level": grade[0], "type": grade[1], "regions": len(grade[2])})
+            graded.append({**rows[-1], "regions": grade[2]})
     for path, reason in skipped:
         print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     if not rows:
         raise DefectVADError(f"none of the {len(paths)} images could be read; nothing was predicted")
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS + (GRADE_COLUMNS if grading else ()), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out / "predictions.csv", text.getvalue())
+    if grading is not None:
+        write_text_atomic(out / "predictions.json", json.dumps(
+            {"levels_from": grading.levels_from, "images": graded}, indent=1))
     anomalous = sum(row["label"] for row in rows)
     print(f"{len(rows)} images predicted with {run.name}, {anomalous} anomalous at threshold {image_threshold:.6g} "
           f"({kind}); {len(skipped)} skipped as unreadable; results in {out / 'predictions.csv'}")
     return 0
+
+
+def load_grading(run, skip):
+    # the run's severity levels, types and regions, when it graded its test images (grading.json)
+    if skip or not (run.run_dir / "grading.json").is_file():
+        return None
+    from defectvad.grading.run_model import RunGrading
+
+    return RunGrading(run)
 
 
 def main(argv=None):
@@ -91,6 +114,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="default: the run's loader.eval_batch_size")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU; default: the run's hardware.threads")
     parser.add_argument("--no-pictures", action="store_true", help="write predictions.csv only")
+    parser.add_argument("--no-grading", action="store_true",
+                        help="no severity level, defect type and regions (written when the run has grading.json: "
+                             "level, type and region count in predictions.csv, the regions in predictions.json, "
+                             "boxes on the pictures)")
     parser.add_argument("--max-image-pixels", type=int, help="read images up to this many pixels; default: the run's "
                                                               "dataset.max_image_pixels (null: PIL's default limit)")
     args = parser.parse_args(argv)

@@ -12,13 +12,24 @@ NORMAL_NOTE = ("the quantile of the scores of normal training images held out fr
                "normal images get any region outlined")
 
 
-def fit_thresholds(metrics, maps, holdout=None, quantile=0.99):
-    # metrics: compute_metrics on the test set; maps: the test anomaly maps (colour scale of the pictures);
-    # holdout: predict() on the held-out normal images, or None
+def fit_thresholds(metrics, maps, holdout=None, quantile=0.99, labels=None):
+    # metrics: compute_metrics on the test set; maps: the test anomaly maps (colour scale of the pictures, anchored
+    # on the held-out normal maps, else on those of the test images labelled 0); holdout: predict() on the
+    # held-out normal images, or None
+    from defectvad.visualization.colour_range import choose_map_range
+
+    if holdout is not None:
+        normal_maps = holdout["anomaly_map"]
+    elif labels is not None and (labels == 0).any():
+        normal_maps = maps[labels == 0]
+    else:
+        normal_maps = None
+    map_range, range_note = choose_map_range(maps, normal_maps)
     thresholds = {
         "f1_test": {"image": metrics["image_f1_threshold"], "pixel": metrics["pixel_f1_threshold"], "note": F1_NOTE},
         "normal": None,
-        "map_range": [float(maps.min()), float(maps.max())],
+        "map_range": map_range,
+        "map_range_note": range_note,
     }
     if holdout is not None:
         scores = holdout["pred_score"].double().numpy()

@@ -1,0 +1,1 @@
+# src/defectvad/grading/__init__.py

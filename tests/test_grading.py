@@ -1,0 +1,146 @@
+# tests/test_grading.py
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import cohen_kappa_score
+
+from defectvad.errors import ConfigError
+from defectvad.grading.calibration import MapCalibration
+from defectvad.grading.contrast import ring_contrast
+from defectvad.grading.defect_types import TypeClassifier, confusion_matrix
+from defectvad.grading.kappa import quadratic_weighted_kappa
+from defectvad.grading.localisation import box_iou, measure_hits
+from defectvad.grading.regions import find_regions, mask_regions
+from defectvad.grading.severity import assign_levels, check_cut_points, default_cut_points, fit_cut_points, \
+    initial_cut_points
+from defectvad.visualization.colour_range import choose_map_range
+
+
+def test_regions_boxes_areas_and_scores_on_a_hand_made_map():
+    calibrated = np.zeros((10, 12))
+    calibrated[1:3, 2:5] = 2.0  # 6 pixels
+    calibrated[2, 3] = 5.0
+    calibrated[6, 8] = 3.0  # a diagonal pair: one 8-connected region of 2
+    calibrated[7, 9] = 4.0
+    calibrated[9, 0] = 9.0  # one pixel, under min_area
+    regions = find_regions(calibrated, 1.5, min_area=2)
+    assert len(regions) == 2
+    first, second = regions  # by peak, highest first
+    assert first["bbox"] == [2, 1, 4, 2] and first["area_px"] == 6
+    assert first["area_pct"] == pytest.approx(100 * 6 / 120)
+    assert first["centroid"] == pytest.approx([3.0, 1.5])
+    assert first["peak_score"] == 5.0 and first["mean_score"] == pytest.approx((5 * 2 + 5) / 6)
+    assert second["bbox"] == [8, 6, 9, 7] and second["area_px"] == 2 and second["centroid"] == [8.5, 6.5]
+    assert second["mask"].sum() == 2 and second["mask"][7, 9]
+    assert len(find_regions(calibrated, 1.5, min_area=1)) == 3
+    truths = mask_regions(calibrated > 1.5)
+    assert sorted(r["bbox"] for r in truths) == [[0, 9, 0, 9], [2, 1, 4, 2], [8, 6, 9, 7]]
+
+
+def test_ring_contrast_is_the_weber_contrast_of_the_most_changed_channel():
+    image = np.full((20, 20, 3), 0.5)
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[8:12, 8:12] = True
+    image[mask, 1] = 0.4  # green 20 % darker
+    image[mask, 0] = 0.55  # red 10 % brighter
+    assert ring_contrast(image, mask, width=2) == pytest.approx(-20.0)
+    image[0:3, :, 1] = 0.9  # far away: outside the ring, no effect
+    assert ring_contrast(image, mask, width=2) == pytest.approx(-20.0)
+
+
+def test_quadratic_weighted_kappa_matches_sklearn():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = rng.integers(1, 6, 40)
+        predicted = np.clip(truth + rng.integers(-2, 3, 40), 0, 5)
+        expected = cohen_kappa_score(truth, predicted, weights="quadratic", labels=list(range(6)))
+        assert quadratic_weighted_kappa(truth, predicted, range(6)) == pytest.approx(expected, abs=1e-12)
+        expected = cohen_kappa_score(truth, predicted, weights="quadratic")
+        assert quadratic_weighted_kappa(truth, predicted) == pytest.approx(expected, abs=1e-12)
+    assert quadratic_weighted_kappa([1, 2, 3], [1, 2, 3]) == 1.0
+    # quadratic: a miss by two costs four times a miss by one
+    one = quadratic_weighted_kappa([1, 2, 3, 4, 5], [2, 2, 3, 4, 5], range(1, 6))
+    two = quadratic_weighted_kappa([1, 2, 3, 4, 5], [3, 2, 3, 4, 5], range(1, 6))
+    assert two < one < 1
+
+
+def test_levels_from_cut_points_and_fitting_improves_kappa():
+    assert assign_levels([0.5, 1.0, 2.5, 9.0, np.nan], [1, 2, 3, 4]).tolist() == [1, 2, 3, 5, 0]
+    # true level rises with the score, but unevenly: the quantile start misplaces levels, the fit puts them right
+    rng = np.random.default_rng(1)
+    truth = np.repeat([1, 2, 3, 4, 5], 8)
+    scores = np.array([[0.1, 0.2, 0.25, 0.3, 5.0][level - 1] for level in truth]) + rng.uniform(0, 0.04, truth.size)
+    scores[:3] += 4.9  # three level-1 images score like level 5 (the start spreads levels by shares, off here)
+    start = initial_cut_points(scores, truth)
+    start_kappa = quadratic_weighted_kappa(truth, assign_levels(scores, start), range(6))
+    cuts, kappa = fit_cut_points(scores, truth)
+    assert kappa == pytest.approx(quadratic_weighted_kappa(truth, assign_levels(scores, cuts), range(6)))
+    assert kappa > start_kappa + 0.05
+    assert np.all(np.diff(cuts) > 0)
+    # the clean levels 2-4 all land right
+    assert (assign_levels(scores[8:32], cuts) == truth[8:32]).all()
+    with pytest.raises(ConfigError, match="increasing"):
+        check_cut_points([1, 3, 2, 4])
+
+
+def test_default_cut_points_sit_at_the_stated_normal_quantiles():
+    rng = np.random.default_rng(2)
+    normal = rng.exponential(2.0, 200_000) + 1.0
+    calibration = MapCalibration().fit(normal, 0.999)
+    assert calibration(np.quantile(normal, 0.5)) == pytest.approx(0.0, abs=1e-9)
+    assert calibration(np.quantile(normal, 0.999)) == pytest.approx(1.0)
+    assert calibration.raw_quantile(0.9) == pytest.approx(np.quantile(normal, 0.9), rel=1e-3)
+    # beyond the data: the exponential tail (true scale 2) -> 1 + 2 ln(1 / (1 - q))
+    quantiles = (0.9999, 0.999999, 1 - 1e-8, 1 - 1e-10)
+    cuts = default_cut_points(calibration, quantiles)
+    raw = cuts * calibration.scale + calibration.shift
+    assert raw == pytest.approx([1 + 2 * np.log(1 / (1 - q)) for q in quantiles], rel=0.03)
+    assert np.all(np.diff(cuts) > 0)
+    restored = MapCalibration.from_dict(calibration.describe())
+    assert restored(5.0) == calibration(5.0) and restored.raw_quantile(0.9999) == calibration.raw_quantile(0.9999)
+
+
+@pytest.mark.parametrize("kind", ["nearest_centroid", "logistic"])
+def test_type_classifier_on_separable_features(kind):
+    rng = np.random.default_rng(3)
+    centres = {"mura": [5, 0, 0], "line": [0, 5, 0], "scratch": [0, 0, 5]}
+    labels = [name for name in centres for _ in range(10)]
+    features = np.array([centres[name] for name in labels]) + rng.normal(0, 0.5, (30, 3))
+    classifier = TypeClassifier(kind).fit(features, labels)
+    tests = np.array([centres[name] for name in centres]) + rng.normal(0, 0.5, (3, 3))
+    assert classifier.predict(tests) == list(centres)
+    assert TypeClassifier.from_dict(classifier.describe()).predict(tests) == list(centres)
+    if kind == "nearest_centroid":
+        # the linear rule is the nearest standardised centroid
+        x = (tests - features.mean(0)) / (features.std(0) + 1e-6)
+        centroids = np.stack([((features - features.mean(0)) / (features.std(0) + 1e-6))[np.array(labels) == c]
+                              .mean(0) for c in classifier.classes])
+        nearest = [classifier.classes[i] for i in ((x[:, None] - centroids[None]) ** 2).sum(2).argmin(1)]
+        assert nearest == list(centres)
+    matrix = confusion_matrix(["mura", "line", "line"], ["mura", "none", "mura"], ["line", "mura"])
+    assert matrix["columns"] == ["line", "mura", "none"] and matrix["matrix"] == [[0, 1, 1], [0, 1, 0]]
+
+
+def test_localisation_hits_at_box_iou():
+    assert box_iou([0, 0, 9, 9], [5, 0, 14, 9]) == pytest.approx(50 / 150)
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[0:10, 0:10] = True
+    shifted = np.zeros((20, 20), dtype=bool)
+    shifted[0:10, 5:15] = True
+    truths = [[{"bbox": [0, 0, 9, 9], "mask": mask}], [{"bbox": [0, 0, 9, 9], "mask": mask}]]
+    predicted = [[{"bbox": [5, 0, 14, 9], "mask": shifted}], [{"bbox": [7, 0, 16, 9], "mask": shifted}]]
+    hits = measure_hits(truths, predicted, 0.3)
+    assert hits["true_regions"] == 2 and hits["hits"] == 1 and hits["hit_rate"] == 0.5
+
+
+def test_colour_range_from_normal_quantiles_ignores_one_outlier():
+    rng = np.random.default_rng(4)
+    normal = torch.tensor(rng.uniform(0, 10, (4, 1, 50, 50)))
+    test = torch.cat([normal, torch.full((1, 1, 50, 50), 20.0)])
+    test[-1, 0, 0, 0] = 300.0  # one image scores 300 where the rest stay below 100
+    (low, high), _ = choose_map_range(test, normal)
+    expected_low, top = np.quantile(normal.numpy(), [0.01, 0.999])
+    assert low == pytest.approx(expected_low) and high == pytest.approx(expected_low + 2 * (top - expected_low))
+    assert high < 21
+    (low_without, high_without), _ = choose_map_range(test[:-1], normal)
+    assert (low_without, high_without) == (low, high)
