@@ -88,6 +88,7 @@ class MemberFusion(nn.Module):
             coef, intercept = fit_logistic(values, labels, seed)
             self.coef.copy_(torch.as_tensor(coef, dtype=self.coef.dtype))
             self.intercept.fill_(intercept)
+            return {"validation_auroc": auroc(np.asarray(values, dtype=np.float64) @ coef + intercept, labels)}
         return {}
 
     def describe(self):
