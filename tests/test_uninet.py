@@ -100,7 +100,8 @@ def test_map_is_the_sum_of_upsampled_distances_and_the_score_its_blurred_maximum
     constant = [torch.full((2, 4, 4), 0.25), torch.full((2, 2, 2), 0.5)]
     score, anomaly_map = weighted_decision_mechanism(constant, (16, 16))
     assert anomaly_map.shape == (2, 1, 16, 16)
-    assert torch.allclose(anomaly_map, torch.full_like(anomaly_map, 0.75)) and torch.allclose(score, torch.full((2,), 0.75))
+    assert torch.allclose(anomaly_map, torch.full_like(anomaly_map, 0.75))
+    assert torch.allclose(score, torch.full((2,), 0.75))
     # a single 2x2 distance map: bilinear with aligned corners reaches the corners' values exactly
     distance = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
     score, anomaly_map = weighted_decision_mechanism([distance], (5, 5))
