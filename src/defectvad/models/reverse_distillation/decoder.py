@@ -23,9 +23,10 @@ class DecoderBasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x if self.upsample is None else self.upsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        # the shortcut last, as anomalib: the same values, and gradients summed in the same order
+        identity = x if self.upsample is None else self.upsample(x)
         return self.relu(out + identity)
 
 
@@ -46,10 +47,10 @@ class DecoderBottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x if self.upsample is None else self.upsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        identity = x if self.upsample is None else self.upsample(x)
         return self.relu(out + identity)
 
 
