@@ -251,7 +251,8 @@ def test_tools_ensemble_writes_the_top_k_experiment(tmp_path):
         (folder / "config.yaml").write_text(
             "seed: 1\ntransform: {image_size: %s}\nevaluation: {holdout: 4}\nloader: {train_batch_size: 8, "
             "eval_batch_size: 8}\ndataset: {_target_: x, root: /r, category: plain}\n"
-            % ("[32, 32]" if name != "c" else "[48, 40]"))
+            "backbone: {name: resnet18, pretrained: %s}\n"
+            % ("[32, 32]" if name != "c" else "[48, 40]", "false" if name == "d" else "true"))
     write_run(sweep / "e", status="failed")
     assert tool.main([str(sweep), "--top-k", "3", "--fusion", "rank", "--name", "top"]) == 0
     from omegaconf import OmegaConf
@@ -259,5 +260,7 @@ def test_tools_ensemble_writes_the_top_k_experiment(tmp_path):
     written = OmegaConf.load(sweep / "configs" / "experiment" / "top.yaml")
     assert [Path(member).name for member in written.model.members] == ["b", "d", "c"]
     assert (written.evaluation.holdout, written.seed, list(written.transform.image_size)) == (4, 1, [48, 40])
+    # d trained a random backbone: the ensemble's is random too
     assert written.model.fusion == "rank" and written.backbone.pretrained is False
+    assert "override /backbone: resnet18" in (sweep / "configs" / "experiment" / "top.yaml").read_text()
     assert tool.main([str(sweep / "missing")]) == 1

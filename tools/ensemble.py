@@ -76,11 +76,14 @@ def write_experiment(members, metric, args, sweep):
     sizes = [(size, size) if isinstance(size, int) else tuple(size)
              for size in (cfg.transform.image_size for cfg in cfgs)]
     size = [max(s[0] for s in sizes), max(s[1] for s in sizes)]
-    backbones = {record["run"].get("backbone") for record in records}
-    # the backbone group is unused by the ensemble: the members' own when they share one, for the run's name
-    backbone = backbones.pop() if len(backbones) == 1 else "resnet18"
+    # the ensemble's own backbone only names the run and gives grading its region features: the members' own
+    # when they share one (pretrained when they all were), else a random resnet18
+    backbones = {(cfg.backbone.name, bool(cfg.backbone.pretrained)) for cfg in cfgs}
+    names = {name for name, _ in backbones}
+    backbone = names.pop() if len(names) == 1 else "resnet18"
+    pretrained = len(backbones) == 1 and next(iter(backbones))[1]
     body = {
-        "backbone": {"pretrained": False},
+        "backbone": {"pretrained": pretrained},
         "dataset": OmegaConf.to_container(cfgs[0].dataset, resolve=True),
         "seed": cfgs[0].seed,
         "transform": {"image_size": size, "center_crop": None, "normalize": None},
