@@ -144,3 +144,96 @@ def test_colour_range_from_normal_quantiles_ignores_one_outlier():
     assert high < 21
     (low_without, high_without), _ = choose_map_range(test[:-1], normal)
     assert (low_without, high_without) == (low, high)
+
+
+def write_panel_images(folder, count_per_level=2):
+    # grey 32x32 images: normals, and per type (a bright square "blob", a dark row "line") one defect per level
+    # whose map rises with the level; returns (paths, labels, types, levels, masks, maps)
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    paths, labels, types, levels, masks, maps = [], [], [], [], [], []
+    for index in range(6):
+        paths.append(folder / f"good_{index}.png")
+        labels.append(0), types.append(None), levels.append(0), masks.append(np.zeros((32, 32), dtype=bool))
+    for name in ("blob", "line"):
+        for level in range(1, 6):
+            for copy in range(count_per_level):
+                mask = np.zeros((32, 32), dtype=bool)
+                y, x = 4 + 5 * copy, 3 + 4 * level
+                if name == "blob":
+                    mask[y:y + 5, x:x + 5] = True
+                else:
+                    mask[y + 10, 2:30] = True
+                paths.append(folder / f"{name}_{level}_{copy}.png")
+                labels.append(1), types.append(name), levels.append(level), masks.append(mask)
+    for path, mask, level, name in zip(paths, masks, levels, types):
+        image = np.full((32, 32, 3), 128.0) + rng.normal(0, 1, (32, 32, 3))
+        image[mask] += (8 * level) if name == "blob" else -(8 * level)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+        maps.append(rng.uniform(0, 1, (32, 32)) + mask * (1.0 + level))
+    return paths, labels, types, levels, masks, maps
+
+
+def test_grade_run_writes_levels_types_and_regions(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from defectvad.grading.run_grading import grade_run
+    from defectvad.grading.run_model import RunGrading
+
+    paths, labels, types, levels, masks, maps = write_panel_images(tmp_path)
+    samples = [{"image_path": str(p), "label": label, "defect_type": t or "good"}
+               for p, label, t in zip(paths, labels, types)]
+    test_set = SimpleNamespace(samples=samples, defects={str(p): {"level": lv} for p, lv in zip(paths, levels) if lv})
+    holdout_maps = torch.tensor(np.random.default_rng(6).uniform(0, 1, (8, 1, 32, 32)))
+    predictions = {"anomaly_map": torch.tensor(np.stack(maps))[:, None], "label": torch.tensor(labels),
+                   "image_path": [str(p) for p in paths], "mask": torch.tensor(np.stack(masks))[:, None],
+                   "has_masks": True, "holdout": {"anomaly_map": holdout_maps, "pred_score": torch.zeros(8)}}
+    thresholds = {"f1_test": {"image": 1.0, "pixel": 1.5}, "normal": {"image": 1.0, "pixel": 1.5}}
+    grading = OmegaConf.load("conf/config.yaml").grading
+    grading.min_area = 3
+    grading.folds = 2
+    grading.shape_features = True
+    cfg = OmegaConf.create({"seed": 0, "backbone": {"name": "resnet18", "pretrained": False},
+                            "dataset": {"max_image_pixels": None}, "grading": grading,
+                            "transform": {"image_size": [32, 32], "center_crop": None, "normalize": None,
+                                          "mean": None, "std": None, "interpolation": None}})
+    torch.manual_seed(0)
+    summary = grade_run(cfg, tmp_path, {"test_set": test_set}, predictions, thresholds, None, "cpu")
+    # every map holds its defect exactly: each true region is hit, no normal image has a region
+    assert summary["localisation"]["hit_rate"] == 1.0 and summary["normal_images_with_regions"] == 0
+    assert summary["qwk"]["fitted_in_sample"] == 1.0 and summary["qwk"]["fitted"] > 0.8
+    # random backbone weights: most, not all, cross-fitted types right; the matrix agrees with the accuracy
+    matrix = np.array(summary["types"]["confusion_matrix"]["matrix"])
+    assert summary["types"]["confusion_matrix"]["columns"] == ["blob", "line", "none"]
+    assert matrix.sum(1).tolist() == [10, 10] and matrix[:, 2].sum() == 0
+    assert summary["types"]["accuracy"] == np.trace(matrix) / 20 >= 0.75
+    rows = (tmp_path / "regions.csv").read_text().splitlines()
+    assert len(rows) == 1 + 20
+    stored = json.loads((tmp_path / "grading.json").read_text())
+    blob = next(image for image in stored["images"] if image["image_path"].endswith("blob_5_0.png"))
+    assert blob["regions"][0]["bbox"] == [23, 4, 27, 8] and blob["regions"][0]["area_px"] == 25
+    assert blob["regions"][0]["contrast_pct"] > 20 and blob["level"] == 5 and blob["type"] == "blob"
+    # tools/predict.py's grading of a new picture with the run's fitted cut-points and classifier
+    from defectvad.data.images import read_image
+    from defectvad.data.transforms import create_transform
+
+    transform = create_transform(cfg.transform, "resnet18", False)
+    run = SimpleNamespace(run_dir=tmp_path, transform=transform, cfg=cfg, device=torch.device("cpu"))
+    picture, _ = transform(read_image(paths[-1]))
+    level, defect_type, regions = RunGrading(run)(picture, torch.tensor(maps[-1]))
+    assert (level, defect_type, len(regions)) == (5, "line", 1) and regions[0]["bbox"] == [2, 19, 29, 19]
+
+
+def test_extent_trims_a_region_to_half_its_peak():
+    calibrated = np.zeros((9, 9))
+    calibrated[2:7, 2:7] = 2.0
+    calibrated[4, 4] = 10.0
+    calibrated[4, 5] = 6.0
+    whole, = find_regions(calibrated, 1.0, min_area=3)
+    trimmed, = find_regions(calibrated, 1.0, min_area=3, extent=0.5)
+    assert whole["area_px"] == 25 and whole["bbox"] == [2, 2, 6, 6]
+    assert trimmed["area_px"] == 2 and trimmed["bbox"] == [4, 4, 5, 4] and trimmed["mean_score"] == 8.0

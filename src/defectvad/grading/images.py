@@ -11,9 +11,9 @@ from defectvad.grading.severity import assign_levels
 SEVERITY_SCORES = ("peak_score", "mean_score", "contrast")
 
 
-def describe_regions(calibrated, picture, threshold, min_area, ring_width):
+def describe_regions(calibrated, picture, threshold, min_area, ring_width, extent=0.0):
     # picture: (H, W, C) in [0, 1] at the map's size
-    regions = find_regions(calibrated, threshold, min_area)
+    regions = find_regions(calibrated, threshold, min_area, extent)
     everything = np.zeros(np.shape(calibrated), dtype=bool)
     for region in regions:
         everything |= region["mask"]

@@ -1,11 +1,12 @@
 # src/defectvad/grading/region_features.py
 # a region's pooled backbone features: each layer's map averaged over the region (its mask resized to the
 # layer's grid by area, so a region smaller than a cell still weighs in), minus the whole image's average
-# (the panel or part around it), the layers concatenated
+# (the panel or part around it), the layers concatenated; no layers: the backbone's second and third stages
 import torch
 import torch.nn.functional as F
 
 from defectvad.backbones.feature_extractors import FeatureExtractor
+from defectvad.backbones.registry import get_backbone
 
 EPS = 1e-12
 
@@ -13,7 +14,7 @@ EPS = 1e-12
 class RegionFeatures:
     def __init__(self, backbone, layers, weights_path=None, device="cpu"):
         self.device = torch.device(device)
-        self.layers = list(layers)
+        self.layers = list(layers or get_backbone(backbone).default_layers((1, 2)))
         self.extractor = FeatureExtractor(backbone, self.layers, weights_path).eval().to(self.device)
 
     @torch.no_grad()

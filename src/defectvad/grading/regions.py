@@ -1,6 +1,8 @@
 # src/defectvad/grading/regions.py
 # defect regions: 8-connected components of the calibrated map at or above a threshold, with at least min_area
-# pixels; boxes are inclusive pixel bounds [x_min, y_min, x_max, y_max], centroids (x, y)
+# pixels; with extent > 0 each is then trimmed to its pixels at or above extent x its peak (half the peak by
+# default: a strong defect's component spreads far beyond it at a threshold set for faint ones). Boxes are
+# inclusive pixel bounds [x_min, y_min, x_max, y_max], centroids (x, y)
 import numpy as np
 from scipy import ndimage
 
@@ -12,7 +14,7 @@ def label_components(binary):
     return labels, ndimage.find_objects(labels), count
 
 
-def find_regions(calibrated, threshold, min_area=1):
+def find_regions(calibrated, threshold, min_area=1, extent=0.0):
     # regions in order of their peak score, highest first; each keeps its boolean mask
     calibrated = np.asarray(calibrated, dtype=np.float64)
     height, width = calibrated.shape
@@ -20,9 +22,11 @@ def find_regions(calibrated, threshold, min_area=1):
     regions = []
     for index, box in enumerate(slices, 1):
         inside = labels[box] == index
-        area = int(inside.sum())
-        if area < min_area:
+        if int(inside.sum()) < min_area:
             continue
+        if extent > 0:
+            inside &= calibrated[box] >= extent * calibrated[box][inside].max()
+        area = int(inside.sum())
         ys, xs = np.nonzero(inside)
         ys, xs = ys + box[0].start, xs + box[1].start
         values = calibrated[ys, xs]

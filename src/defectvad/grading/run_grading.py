@@ -125,7 +125,7 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
     threshold = float(calibration(raw_threshold))
     pictures, inputs = load_pictures(cfg, paths, maps.shape[-2:])
     extractor = RegionFeatures(cfg.backbone.name, settings.feature_layers, weights_path, device)
-    regions = [describe_regions(calibration(m), p, threshold, settings.min_area, settings.ring_width)
+    regions = [describe_regions(calibration(m), p, threshold, settings.min_area, settings.ring_width, settings.extent)
                for m, p in zip(maps, pictures)]
     features = [extractor(x, [r["mask"] for r in found]) for x, found in zip(inputs, regions)]
     masks = predictions["mask"][:, 0].numpy() > 0 if predictions["has_masks"] else None
@@ -161,8 +161,8 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
         image_levels.append(level)
         image_types.append(defect_type)
         default_levels.append(int(assign_levels([scores[i]], defaults)[0]))
-    summary = summarize_grading(settings, levels, types, image_levels, image_types, default_levels, scores, fits,
-                                fold, has_level, has_type, masks, regions, applied, given)
+    summary = summarize_grading(settings, extractor.layers, levels, types, image_levels, image_types, default_levels,
+                                scores, fits, fold, has_level, has_type, masks, regions, applied, given)
     summary.update({"calibration": f"percentile rule on the maps of {normal_source}: (m - median) / "
                                    f"(q{settings.calibration_quantile} - median) of their pixels",
                     "region_threshold": {"kind": threshold_kind, "raw": raw_threshold, "calibrated": threshold},
@@ -205,8 +205,8 @@ def fit_models(scores, levels, types, true_features, level_rows, type_rows, sett
     return fit
 
 
-def summarize_grading(settings, levels, types, image_levels, image_types, default_levels, scores, fits, fold,
-                      has_level, has_type, masks, regions, applied, given):
+def summarize_grading(settings, layers, levels, types, image_levels, image_types, default_levels, scores, fits,
+                      fold, has_level, has_type, masks, regions, applied, given):
     summary = {"levels_from": applied, "severity_score": settings.severity_score, "folds": settings.folds,
                "images": len(levels), "regions": int(sum(len(found) for found in regions))}
     if has_level.any():
@@ -230,17 +230,25 @@ def summarize_grading(settings, levels, types, image_levels, image_types, defaul
     if has_type.any() and fits["all"]["classifier"] is not None:
         rows = np.flatnonzero(has_type)
         truth, predicted = [types[i] for i in rows], [image_types[i] for i in rows]
-        summary["types"] = {"classifier": settings.type_classifier, "layers": list(settings.feature_layers),
+        classes = fits["all"]["classifier"].classes
+        summary["types"] = {"classifier": settings.type_classifier, "layers": layers,
+                            "shape_features": settings.shape_features,
                             "accuracy": float(np.mean([t == p for t, p in zip(truth, predicted)])),
-                            "images": len(rows), "confusion_matrix": confusion_matrix(truth, predicted,
-                                                                                      fits["all"]["classifier"].classes),
+                            "images": len(rows), "confusion_matrix": confusion_matrix(truth, predicted, classes),
                             "note": "type of each defect image's worst region, by a classifier fitted on the other "
                                     "folds' defects (the features of the predicted region covering most of each "
                                     "true mask, else of the mask); none: no region found"}
+    normal = [i for i, level in enumerate(levels) if level == 0]
+    summary["normal_images_with_regions"] = sum(bool(regions[i]) for i in normal)
     if masks is not None:
         anomalous = [i for i in range(len(regions)) if masks[i].any()]
-        summary["localisation"] = measure_hits([mask_regions(masks[i]) for i in anomalous],
-                                               [regions[i] for i in anomalous], settings.hit_iou)
+        truths = {i: mask_regions(masks[i]) for i in anomalous}
+        summary["localisation"] = measure_hits([truths[i] for i in anomalous], [regions[i] for i in anomalous],
+                                               settings.hit_iou)
+        summary["localisation"]["by_type"] = {
+            name: measure_hits([truths[i] for i in anomalous if types[i] == name],
+                               [regions[i] for i in anomalous if types[i] == name], settings.hit_iou)["hit_rate"]
+            for name in sorted({types[i] for i in anomalous if types[i] is not None})}
     return summary
 
 

@@ -40,7 +40,7 @@ class RunGrading:
         anomaly_map = torch.as_tensor(anomaly_map).double().numpy()
         shown = TF.resize(picture, list(anomaly_map.shape), antialias=True).permute(1, 2, 0).double().numpy()
         regions = describe_regions(self.calibration(anomaly_map), shown, self.threshold, self.settings["min_area"],
-                                   self.settings["ring_width"])
+                                   self.settings["ring_width"], self.settings.get("extent", 0.0))
         features = None
         if self.extractor is not None and regions:
             features = self.extractor(F.normalize(picture, self.transform.mean, self.transform.std),
