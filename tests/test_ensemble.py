@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,6 +236,11 @@ def test_an_ensemble_of_two_runs_end_to_end(panels, tmp_path):
     # calibrating on images a member was fitted on is refused
     with pytest.raises(ConfigError, match="were used to fit member"):
         run(panels, tmp_path / "leaky", "ensemble", members, "seed=3")
+    # so is running it on other images than the members were trained on
+    other = tmp_path / "other_panels"
+    shutil.copytree(panels, other)
+    with pytest.raises(ConfigError, match="runs on other data than member .*model.allow_mixed=true"):
+        run(panels, tmp_path / "elsewhere", "ensemble", members, f"dataset.root={other}")
 
 
 def test_tools_ensemble_writes_the_top_k_experiment(tmp_path):
