@@ -218,10 +218,10 @@ def freeze_modules(trainer, prefixes):
         epoch_start = trainer.on_train_epoch_start
 
         def keep_frozen_in_eval():
-            # the loop's model.train() came just before this hook
+            # after the loop's model.train() and the model's own epoch start
+            epoch_start()
             for module in chosen:
                 module.eval()
-            epoch_start()
 
         trainer.on_train_epoch_start = keep_frozen_in_eval
     return count
@@ -253,7 +253,9 @@ def wrap_optimizer_setup(trainer, lr_scale, freeze):
             raise ConfigError(f"finetune.freeze={freeze} freezes every parameter {type(trainer).__name__}'s optimizer "
                               f"trains; nothing would learn: freeze fewer modules")
         if lr_scale != 1:
-            scale_learning_rates(trainer.optimizer, lr_scale)
+            # several optimizers stepped as one (GLASS's OptimizerGroup) are scaled each
+            for optimizer in getattr(trainer.optimizer, "optimizers", [trainer.optimizer]):
+                scale_learning_rates(optimizer, lr_scale)
 
     trainer.setup_optimizers = setup_then_adjust
 
