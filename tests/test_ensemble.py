@@ -221,6 +221,10 @@ def test_an_ensemble_of_two_runs_end_to_end(panels, tmp_path):
     summary = record["model"]
     assert [member["model"] for member in summary["members"]] == ["padim", "patchcore"]
     assert summary["members"][0]["metrics"] == json.loads((padim / "metrics.json").read_text())["metrics"]
+    # at its own size a member scores the test images as in its own run; the other is resampled
+    in_run = summary["members"][0]["metrics_in_this_run"]
+    assert in_run == pytest.approx(summary["members"][0]["metrics"], abs=1e-6)
+    assert set(summary["members"][1]["metrics_in_this_run"]) == set(record["metrics"])
     assert summary["calibration_images"] == 4 and summary["validation"]["images"] == 8
     assert sum(summary["fusion"]["image"]["weights"]) == pytest.approx(1)
     # predict rebuilds it from its folder and the members' and scores the test images as the run did

@@ -9,6 +9,7 @@ from defectvad.data.loaders import create_dataloader
 from defectvad.data.transforms import to_size_pair
 from defectvad.engine.base_trainer import BaseTrainer
 from defectvad.engine.devices import autocast
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.engine.synthetic_validation import SyntheticAnomalySet
 from defectvad.errors import ConfigError
 from defectvad.models.ensemble.fusion import LEARNED, check_fusion
@@ -28,7 +29,8 @@ class EnsembleTrainer(BaseTrainer):
 
     def __init__(self, members, backbone=None, weights_path=None, map_size=(256, 256), center_crop=None,
                  normalize=None, calibration="zscore", calibration_quantile=0.99, fusion="mean", map_fusion=None,
-                 validation="synthetic", weight_step=0.1, max_validation_pixels=100000, allow_mixed=False, seed=0):
+                 validation="synthetic", weight_step=0.1, max_validation_pixels=100000, allow_mixed=False, seed=0,
+                 aupro_fpr_limit=0.3):
         super().__init__()
         if center_crop is not None or normalize:
             raise ConfigError("model=ensemble takes its input resized, uncropped and in [0, 1]: set "
@@ -52,6 +54,11 @@ class EnsembleTrainer(BaseTrainer):
         self.model = EnsembleModel([run.model for run in self.runs], inputs, to_size_pair(map_size, "map_size"),
                                    calibration, calibration_quantile, fusion, map_fusion)
         self.fitted = {}
+        self.aupro_fpr_limit = aupro_fpr_limit
+        # each member's own outputs on the test images, for its metrics in this run (prepare, validation_step)
+        self.test_paths = set()
+        self.member_outputs = []
+        self.test_has_masks = True
 
     def fit(self, train_loader=None, val_loader=None):
         # train_loader (the members' training images) is not used: nothing is learned from it
@@ -84,6 +91,36 @@ class EnsembleTrainer(BaseTrainer):
                                      "images": len(validation.dataset), "pixels": len(truth),
                                      "image": image, "map": pixel}
 
+    def prepare(self, loader):
+        self.test_paths = {sample["image_path"] for sample in loader.dataset.samples}
+        self.test_has_masks = getattr(loader.dataset, "has_masks", True)
+        self.member_outputs = []
+
+    def validation_step(self, batch, batch_idx):
+        scores, maps = self.model.run_members(batch["image"])
+        if batch["image_path"][0] in self.test_paths:
+            if batch_idx == 0:
+                self.member_outputs = []
+            self.member_outputs.append((scores.float().cpu(), maps.float().cpu(), batch["label"].cpu(),
+                                        batch["mask"][:, 0].cpu()))
+        score, anomaly_map = self.model.fuse(scores, maps)
+        return InferenceBatch(pred_score=score, anomaly_map=anomaly_map, extras={"member_scores": scores})
+
+    def measure_members(self):
+        # each member's metrics on this run's test images, its map resampled to the ensemble's size
+        from defectvad.metrics.evaluation import compute_metrics
+        from defectvad.records import METRIC_KEYS
+
+        if not self.member_outputs:
+            return [None] * len(self.runs)
+        scores, maps, labels, masks = (torch.cat(parts) for parts in zip(*self.member_outputs))
+        found = []
+        for index in range(len(self.runs)):
+            metrics = compute_metrics(scores[:, index], labels, maps[:, index],
+                                      masks if self.test_has_masks else None, self.aupro_fpr_limit)
+            found.append({key: metrics[key] for key in METRIC_KEYS})
+        return found
+
     @torch.no_grad()
     def collect(self, loader):
         # raw member scores (N, M), maps (N, M, H, W), labels (N,), masks (N, H, W)
@@ -103,7 +140,8 @@ class EnsembleTrainer(BaseTrainer):
         members = [{"run_dir": str(run.run_dir), "model": run.record["run"].get("model"),
                     "backbone": run.record["run"].get("backbone"), "dataset": run.record["run"].get("dataset"),
                     "category": run.record["run"].get("category"), "image_size": run.record["run"].get("image_size"),
-                    "metrics": run.record.get("metrics")} for run in self.runs]
+                    "metrics": run.record.get("metrics"), "metrics_in_this_run": measured}
+                   for run, measured in zip(self.runs, self.measure_members())]
         return {"members": members, "map_size": list(model.map_size),
                 "calibration": {"image": model.score_calibration.describe(), "map": model.map_calibration.describe()},
                 "fusion": {"image": model.score_fusion.describe(), "map": model.map_fusion.describe()},
