@@ -106,6 +106,8 @@ class AfClipTrainer(BaseTrainer):
         # train_loader: the k reference images of dataset (few-shot), or None (zero-shot)
         if self.k_shot and (train_loader is None or len(train_loader.dataset) == 0):
             raise TrainingError("AF-CLIP is few-shot but has no reference images")
+        if val_loader is not None:
+            log.info("AF-CLIP does not validate while it trains (the authors' schedule is 2 fixed epochs)")
         loader = self.create_train_loader()
         self.model.to(self.device)
         self.setup_optimizers()
@@ -124,6 +126,8 @@ class AfClipTrainer(BaseTrainer):
                 self.should_stop = True
         self.model.eval()
         self.model.clear_text_features()
+        # the learned prompts' embeddings, kept with the weights
+        self.model.state_text_features()
         if self.k_shot:
             self.collect_references(train_loader)
         self.on_train_end()
