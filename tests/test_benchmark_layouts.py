@@ -86,6 +86,8 @@ def test_mvtec_ad2_wrong_layouts_are_named(tmp_path):
         MVTecAD2Dataset(tmp_path, "sheet_metal", "test", SMALL, test_set="private")
     with pytest.raises(ConfigError, match="public, private, private_mixed"):
         MVTecAD2Dataset(tmp_path, "sheet_metal", "test", SMALL, test_set="hidden")
+    with pytest.raises(ConfigError, match="held_out_split must be validation .* or null; got 'val'"):
+        MVTecAD2Dataset(tmp_path, "sheet_metal", "train", SMALL, held_out_split="val")
 
 
 class MeanMap(torch.nn.Module):
@@ -324,3 +326,4 @@ def test_real_iad_wrong_layouts_are_named(tmp_path):
     json_path.write_text(json.dumps({"meta": {}, "train": []}))
     with pytest.raises(DatasetError, match="must hold a 'test' list"):
         real_iad(tmp_path, "test")
+

@@ -34,8 +34,10 @@ class MVTecAD2Dataset(AnomalyDataset):
     NAME = "MVTec AD 2"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, max_image_pixels=None,
-                 resize_masks=False, test_set="public"):
-        # split "validation" reads validation/good: normal images none of the training sees, as held-out normals
+                 resize_masks=False, test_set="public", held_out_split=None):
+        # split "validation" reads validation/good: normal images none of the training sees; held_out_split=validation
+        # makes them the run's held-out normals (normal-only threshold, trainer.validation=holdout)
+        check_held_out_split(held_out_split)
         if test_set not in TEST_SETS:
             raise ConfigError(f"dataset.test_set must be one of: {', '.join(TEST_SETS)}; got {test_set!r}")
         if test_set != "public" and split == "test":
@@ -71,3 +73,9 @@ class MVTecAD2Dataset(AnomalyDataset):
                                    f"_mask.png")
             samples.append(create_sample(image_path, mask_path, 1, "bad"))
         return samples
+
+
+def check_held_out_split(held_out_split):
+    if held_out_split not in (None, "validation"):
+        raise ConfigError(f"dataset.held_out_split must be validation (validation/good as held-out normal images) or "
+                          f"null; got {held_out_split!r}")

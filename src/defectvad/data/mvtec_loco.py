@@ -13,6 +13,7 @@ from torchvision.transforms import functional as TF
 
 from defectvad.data.base import AnomalyDataset, check_mask_size, create_sample, find_category_dir
 from defectvad.data.images import list_images, open_image, read_image_size
+from defectvad.data.mvtec_ad2 import check_held_out_split
 from defectvad.data.transforms import to_size_pair
 from defectvad.errors import ConfigError, DatasetError
 
@@ -92,8 +93,10 @@ class MVTecLocoDataset(AnomalyDataset):
     NAME = "MVTec LOCO AD"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, max_image_pixels=None,
-                 resize_masks=False, spro_fpr_limit=0.05):
-        # split "validation" reads validation/good, normal images none of the training sees
+                 resize_masks=False, spro_fpr_limit=0.05, held_out_split=None):
+        # split "validation" reads validation/good, normal images none of the training sees; held_out_split=validation
+        # makes them the run's held-out normals (normal-only threshold, trainer.validation=holdout)
+        check_held_out_split(held_out_split)
         if isinstance(spro_fpr_limit, bool) or not isinstance(spro_fpr_limit, (int, float)) \
                 or not 0 < spro_fpr_limit <= 1:
             raise ConfigError(f"dataset.spro_fpr_limit must lie in (0, 1], got {spro_fpr_limit!r}")
