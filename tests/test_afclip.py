@@ -157,7 +157,7 @@ def test_focal_l1_and_alignment_losses_by_hand():
     moved = tokens.clone()
     moved[0, 0] = torch.tensor([-5.0, 2, 0])
     assert patch_alignment_loss([moved], masks).item() == patch_alignment_loss([tokens], masks).item()
-    # no anomalous patch: the authors' mean over no pairs counts as 0
+    # no anomalous patch (the authors' mean over no pairs counts as 0) or no normal one (their early return)
     assert patch_alignment_loss([tokens], torch.zeros(1, 1, 2, 2)).item() == 0.0
     assert patch_alignment_loss([tokens], torch.ones(1, 1, 2, 2)).item() == 0.0
 
@@ -244,3 +244,25 @@ def test_configuration_errors_are_clear(tmp_path):
                       clip_architecture=TINY, feature_layers=[1, 3])
     with pytest.raises(ConfigError, match="CLIP backbone"):
         AfClipTrainer(backbone="resnet18", train_dataset=SYNTHETIC, backbone_dir=tmp_path)
+
+
+def test_fit_trains_only_prompt_and_adapter_then_keeps_prompts_and_references(tmp_path, monkeypatch):
+    torch.manual_seed(7)
+    trainer = AfClipTrainer(backbone="clip_vit_b16_plus_240", k_shot=2, train_dataset=SYNTHETIC,
+                            backbone_dir=tmp_path, clip_architecture=TINY, feature_layers=[1, 2])
+    trainer.configure_engine(max_epochs=2)
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[1, :, :16, :16] = 1
+    labelled = [{"image": torch.randn(3, 32, 32), "label": int(i == 1), "mask": masks[i]} for i in range(4)]
+    references = [{"image": torch.randn(3, 32, 32)} for _ in range(2)]
+    monkeypatch.setattr(trainer, "create_train_loader", lambda: torch.utils.data.DataLoader(labelled, batch_size=2))
+    clip_before = {k: v.clone() for k, v in trainer.model.clip.state_dict().items()}
+    prompt_before = trainer.model.state_prompt_embedding.detach().clone()
+    trainer.fit(torch.utils.data.DataLoader(references, batch_size=1))
+    assert trainer.current_epoch == 2 and trainer.global_step == 4 and len(trainer.train_losses) == 2
+    assert all(torch.equal(v, trainer.model.clip.state_dict()[k]) for k, v in clip_before.items())
+    assert not torch.equal(prompt_before, trainer.model.state_prompt_embedding)
+    assert not trainer.model.training
+    torch.testing.assert_close(trainer.model.text_features, F.normalize(trainer.model.encode_state_prompt(), dim=-1))
+    # 2 blocks x 3 scales; 2 images x 4 patches; CLIP width 32
+    assert trainer.model.memorybank.shape == (6, 8, 32)
