@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from defectvad.data.mvtec_ad2 import MVTecAD2Dataset, list_private_images
 from defectvad.data.mvtec_loco import MVTecLocoDataset, read_defects_config
-from defectvad.data.real_iad import RealIADDataset
+from defectvad.data.real_iad import RealIADDataset, find_object
 from defectvad.data.transforms import ImageTransform
 from defectvad.errors import ConfigError, DatasetError
 from defectvad.inference.mvtec_ad2_submission import submission_paths, write_submission
@@ -279,10 +279,13 @@ def test_real_iad_json_splits_views_and_masks(tmp_path):
     test = real_iad(tmp_path, "test")
     assert len(train) == 4 and {s["view"] for s in train.samples} == {"C1", "C2"}
     assert [(s["label"], s["defect_type"], s["object"], s["view"]) for s in test.samples] == [
-        (1, "BX", "NG/BX/S0004", "C1"), (0, "good", "NG/BX/S0004", "C2"),
-        (0, "good", "OK/S0003", "C1"), (0, "good", "OK/S0003", "C2")]
+        (1, "BX", "audiojack_0004_NG", "C1"), (0, "good", "audiojack_0004_NG", "C2"),
+        (0, "good", "audiojack_0003_OK", "C1"), (0, "good", "audiojack_0003_OK", "C2")]
     assert test[0]["mask"].sum().item() == 64 and test[1]["mask"].sum().item() == 0
     assert len(RealIADDataset.CATEGORIES) == 30
+    # ADEval's sample key from the file name; without it, the folder of the views
+    assert find_object("NG/HS/S0102/toy_brick_0102_NG_C5_20231101.jpg") == "toy_brick_0102_NG"
+    assert find_object("OK/S0001/img_1.jpg") == "OK/S0001"
 
 
 def test_real_iad_object_metrics_take_the_largest_view(tmp_path):

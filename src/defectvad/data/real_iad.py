@@ -14,11 +14,20 @@ from defectvad.errors import ConfigError, DatasetError
 SETTINGS = ("single_view", "multi_view")
 ENTRY_KEYS = ("anomaly_class", "image_path")
 VIEW = re.compile(r"_(C[1-5])_")
+# the object of a view, as Real-IAD's evaluation tool ADEval reads it from the file name (its --sample_key_pat):
+# audiojack_0001_OK_C1_<time>.jpg -> audiojack_0001_OK
+OBJECT = re.compile(r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_")
 
 
 def find_view(image_path):
     match = VIEW.search(Path(image_path).name)
     return match.group(1) if match else None
+
+
+def find_object(image_path):
+    # a file name without the pattern: the folder of its views
+    match = OBJECT.search(Path(image_path).name)
+    return match.group(1) if match else str(Path(image_path).parent)
 
 
 class RealIADDataset(AnomalyDataset):
@@ -89,8 +98,7 @@ class RealIADDataset(AnomalyDataset):
                     raise DatasetError(f"test image {image_path} has no mask; expected "
                                        f"{mask_path or 'a mask_path in ' + str(path)}")
             sample = create_sample(image_path, mask_path, label, "good" if not label else entry["anomaly_class"])
-            # the object: the folder of its five views
-            sample["object"] = str(Path(entry["image_path"]).parent)
+            sample["object"] = find_object(entry["image_path"])
             sample["view"] = find_view(entry["image_path"])
             samples.append(sample)
         return samples

@@ -1,6 +1,6 @@
 # src/defectvad/metrics/multi_view.py
 # objects photographed from several views (Real-IAD's C1..C5): an object's score is the largest score of its views,
-# and it is anomalous when any of its views is
+# and it is anomalous when any of its views is, as Real-IAD's evaluation tool ADEval scores samples (s_auroc, s_aupr)
 import numpy as np
 
 from defectvad.metrics.evaluation import sweep_metrics
