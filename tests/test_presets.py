@@ -65,7 +65,7 @@ def test_preset_selects_its_model_and_sets_the_whole_setup(name):
     assert {"max_epochs", "max_steps", "early_stopping"} <= set(preset.trainer)
     assert "override /backbone" in "".join(str(entry) for entry in preset.defaults)
     # a renamed or removed model argument breaks the preset here rather than at run time
-    unknown = set(cfg.model) - {"_target_"} - init_parameters(get_class(cfg.model._target_))
+    unknown = set(cfg.model) - {"_target_", "_recursive_"} - init_parameters(get_class(cfg.model._target_))
     assert not unknown
 
 
@@ -101,6 +101,7 @@ def test_trained_presets_follow_anomalib_example_configs():
         "reverse_distillation": ("wide_resnet50_2", 200, None, "pixel_auroc", 3, 16),
         "draem": ("efficientnet_lite0", 700, None, "pixel_auroc", 20, 32),
         "efficient_ad": ("efficientnet_lite0", 1000, 70000, None, 3, 1),
+        "uninet": ("wide_resnet50_2", 100, None, "image_auroc", 20, 32),
     }
     for name, values in expected.items():
         cfg = compose_config([f"experiment={name}"])
@@ -112,6 +113,9 @@ def test_trained_presets_follow_anomalib_example_configs():
     assert reverse.trainer.check_val_every_n_epoch == 200 and list(reverse.model.layers) == ["layer1", "layer2", "layer3"]
     assert compose_config(["experiment=draem"]).model.focal_alpha == 1.0
     assert compose_config(["experiment=efficient_ad"]).model.model_size == "small"
+    glass = compose_config(["experiment=glass"])
+    assert (glass.backbone.name, glass.trainer.max_epochs, glass.loader.train_batch_size, list(glass.transform.image_size),
+            glass.model.anomaly_source, glass.model.svd) == ("wide_resnet50_2", 100, 8, [288, 288], "dtd", 0)
 
 
 def test_model_alone_keeps_the_demo_backbone_and_the_command_line_beats_the_preset():
