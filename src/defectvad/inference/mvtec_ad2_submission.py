@@ -4,14 +4,13 @@
 # at the image's own size) and anomaly_images_thresholded/<category>/<test set>/<name>.png (0 or 255, the map at the
 # run's pixel threshold)
 import numpy as np
-import tifffile
 import torch
 from PIL import Image
 from torch.nn import functional as F
 
 from defectvad.data.images import read_image_size
 from defectvad.data.mvtec_ad2 import TEST_SETS, list_private_images
-from defectvad.errors import ConfigError
+from defectvad.errors import ConfigError, DefectVADError
 from defectvad.inference.predictions import predict_files
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -31,6 +30,11 @@ def full_size_map(anomaly_map, image_path, max_pixels=None):
 
 
 def write_map_files(anomaly_map, pixel_threshold, tiff_path, png_path):
+    try:
+        import tifffile
+    except ImportError:
+        raise DefectVADError("writing the server's float16 TIFF maps needs the tifffile package (PIL writes no "
+                             "float16): pip install tifffile") from None
     if np.abs(anomaly_map).max() > FLOAT16_MAX:
         raise ConfigError(f"the map of {tiff_path.stem} reaches {np.abs(anomaly_map).max():.6g}, beyond float16 "
                           f"(the server's format, at most {FLOAT16_MAX:g}); this model's scores need rescaling")
