@@ -16,7 +16,7 @@ from defectvad.atomic_files import write_text_atomic
 from defectvad.errors import ConfigError
 from defectvad.grading.calibration import MapCalibration
 from defectvad.grading.contrast import ring_contrast
-from defectvad.grading.defect_types import TypeClassifier, confusion_matrix
+from defectvad.grading.defect_types import NO_REGION, TypeClassifier, confusion_matrix
 from defectvad.grading.images import SEVERITY_SCORES, describe_regions, grade_regions, public_region, worst_score
 from defectvad.grading.kappa import quadratic_weighted_kappa
 from defectvad.grading.localisation import measure_hits
@@ -234,10 +234,12 @@ def summarize_grading(settings, layers, levels, types, image_levels, image_types
         summary["types"] = {"classifier": settings.type_classifier, "layers": layers,
                             "shape_features": settings.shape_features,
                             "accuracy": float(np.mean([t == p for t, p in zip(truth, predicted)])),
+                            "accuracy_found": found_accuracy(truth, predicted),
                             "images": len(rows), "confusion_matrix": confusion_matrix(truth, predicted, classes),
                             "note": "type of each defect image's worst region, by a classifier fitted on the other "
                                     "folds' defects (the features of the predicted region covering most of each "
-                                    "true mask, else of the mask); none: no region found"}
+                                    "true mask, else of the mask); none: no region found (accuracy_found: among "
+                                    "the images with a region)"}
     normal = [i for i, level in enumerate(levels) if level == 0]
     summary["normal_images_with_regions"] = sum(bool(regions[i]) for i in normal)
     if masks is not None:
@@ -250,6 +252,11 @@ def summarize_grading(settings, layers, levels, types, image_levels, image_types
                                [regions[i] for i in anomalous if types[i] == name], settings.hit_iou)["hit_rate"]
             for name in sorted({types[i] for i in anomalous if types[i] is not None})}
     return summary
+
+
+def found_accuracy(truth, predicted):
+    found = [(t, p) for t, p in zip(truth, predicted) if p != NO_REGION]
+    return float(np.mean([t == p for t, p in found])) if found else None
 
 
 def assign_cross_fitted(score, fits, fold):
