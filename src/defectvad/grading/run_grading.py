@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,7 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
     from defectvad.grading.region_features import RegionFeatures
     from defectvad.metrics.thresholds import select_threshold
 
+    started = time.perf_counter()
     settings = cfg.grading
     check_grading(settings)
     run_dir = Path(run_dir)
@@ -168,7 +170,8 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
                     "region_threshold": {"kind": threshold_kind, "raw": raw_threshold, "calibrated": threshold},
                     "default_quantiles": list(settings.default_quantiles),
                     "cut_points": {"given": None if given is None else given.tolist(), "default": defaults.tolist(),
-                                   "fitted": as_list(fits["all"]["cut_points"])}})
+                                   "fitted": as_list(fits["all"]["cut_points"])},
+                    "grading_s": round(time.perf_counter() - started, 3)})
     write_grading(run_dir, settings, calibration, raw_threshold, threshold, threshold_kind, summary, fits["all"],
                   paths, regions, image_levels, image_types, levels, types)
     return summary
