@@ -217,7 +217,10 @@ def test_grade_run_writes_levels_types_and_regions(tmp_path):
     blob = next(image for image in stored["images"] if image["image_path"].endswith("blob_5_0.png"))
     assert blob["regions"][0]["bbox"] == [23, 4, 27, 8] and blob["regions"][0]["area_px"] == 25
     assert blob["regions"][0]["contrast_pct"] > 20 and blob["level"] == 5 and blob["type"] == "blob"
-    # tools/predict.py's grading of a new picture with the run's fitted cut-points and classifier
+    # tools/predict.py's grading of a new picture with the run's fitted cut-points and classifier, whose backbone
+    # layers the run saved (random weights here: the same features only if they are restored)
+    assert (tmp_path / "weights" / "grading_features.safetensors").is_file()
+    torch.manual_seed(1)
     from defectvad.data.images import read_image
     from defectvad.data.transforms import create_transform
 

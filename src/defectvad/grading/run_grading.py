@@ -27,6 +27,7 @@ from defectvad.grading.severity import IMAGE_LEVELS, assign_levels, check_cut_po
     fit_cut_points
 
 log = logging.getLogger("defectvad")
+FEATURE_WEIGHTS = "weights/grading_features.safetensors"
 REGION_COLUMNS = ("image_path", "region", "x_min", "y_min", "x_max", "y_max", "centroid_x", "centroid_y", "area_px",
                   "area_pct", "peak_score", "mean_score", "contrast_pct", "severity_score", "level", "type",
                   "image_level", "image_type", "true_level", "true_type")
@@ -172,6 +173,12 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
                     "cut_points": {"given": None if given is None else given.tolist(), "default": defaults.tolist(),
                                    "fitted": as_list(fits["all"]["cut_points"])},
                     "grading_s": round(time.perf_counter() - started, 3)})
+    if fits["all"]["classifier"] is not None:
+        # the type classifier's features without the backbone file, as the run's weights predict without it
+        from defectvad.engine.checkpoints import save_weights
+
+        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        save_weights(extractor.extractor, run_dir / FEATURE_WEIGHTS)
     write_grading(run_dir, settings, calibration, raw_threshold, threshold, threshold_kind, summary, fits["all"],
                   paths, regions, image_levels, image_types, levels, types)
     return summary

@@ -8,11 +8,13 @@ import torch
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from defectvad.engine.checkpoints import load_weights
 from defectvad.grading.calibration import MapCalibration
 from defectvad.grading.defect_types import TypeClassifier
 from defectvad.grading.images import describe_regions, grade_regions, public_region
 from defectvad.grading.region_features import RegionFeatures
 from defectvad.grading.region_shape import describe_shape
+from defectvad.grading.run_grading import FEATURE_WEIGHTS
 
 
 class RunGrading:
@@ -25,15 +27,11 @@ class RunGrading:
         self.levels_from = model["levels_from"]
         self.classifier = None if model["classifier"] is None else TypeClassifier.from_dict(model["classifier"])
         self.transform = run.transform
-        weights_path = None
-        if run.cfg.backbone.pretrained:
-            from defectvad.backbones.weights import resolve_weights
-
-            weights_path = resolve_weights(run.cfg.backbone.name, run.cfg.paths.backbone_dir, run.cfg.backbone.weights)
         self.extractor = None
         if self.classifier is not None:
-            self.extractor = RegionFeatures(run.cfg.backbone.name, self.settings["feature_layers"], weights_path,
-                                            run.device)
+            # the run saved the backbone layers the classifier's features come from
+            self.extractor = RegionFeatures(run.cfg.backbone.name, self.settings["feature_layers"], None, run.device)
+            load_weights(self.extractor.extractor, run.run_dir / FEATURE_WEIGHTS)
 
     def __call__(self, picture, anomaly_map):
         # picture: (3, H, W) in [0, 1] as the model saw it; (image level, image type, regions without masks)
