@@ -62,6 +62,8 @@ MODEL_OVERRIDES = {
             text_layers=1).items()},
         "dataset.k_shot": 1,
     },
+    # TinyCLIP ViT-8M is small enough as it is; few-shot for the reason above
+    "afclip_tinyclip": {"dataset.k_shot": 1},
     "efficient_ad": {
         # its autoencoder ends in an 8x8 convolution on a 32 times smaller map
         "transform.image_size": [256, 256],

@@ -32,11 +32,13 @@ def run_experiment(cfg, run_dir, choices, overrides, repo_dir, single=True):
                                                                     repo_dir)) as record:
             device, weights_path = check_run(cfg)
             trainer = build_trainer(cfg, run_dir, device, weights_path)
+            record.update(start_from_parent(cfg, trainer, record["run"]))
             data = build_data(cfg, trainer, choices.get("dataset"))
             fit_s, best_weights = fit_model(trainer, data)
             predictions, metrics, thresholds, test_s = evaluate_model(cfg, trainer, data)
             record.update(summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device,
                                         {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)}, best_weights))
+            record["grading"] = grade_test_images(cfg, run_dir, data, predictions, thresholds, weights_path, device)
             write_outputs(cfg, run_dir, trainer, data, predictions, record, device)
     return record
 
@@ -92,12 +94,11 @@ def check_lpips(cfg):
 
 
 def build_trainer(cfg, run_dir, device, weights_path):
-    from defectvad.engine.tiling import create_tiler
+    from defectvad.engine.tiling import create_tiler, tiled_model_settings
 
     tiler = create_tiler(cfg.get("tiling"), cfg.transform.center_crop or cfg.transform.image_size)
-    # a model built for a fixed input size is built for the tile
-    sized = {"input_size": list(tiler.tile_size)} if tiler is not None and "input_size" in cfg.model else {}
-    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all", **sized)
+    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all",
+                          **tiled_model_settings(cfg, tiler))
     if trainer.learning_type not in LEARNING_TYPES:
         raise ConfigError(f"{type(trainer).__name__}.learning_type is '{trainer.learning_type}'; "
                           f"it must be one of: {', '.join(LEARNING_TYPES)}")
@@ -108,6 +109,13 @@ def build_trainer(cfg, run_dir, device, weights_path):
     if tiler is not None:
         trainer.configure_tiling(tiler, cfg.tiling.batch_size or cfg.loader.eval_batch_size, cfg.tiling.image_score)
     return trainer
+
+
+def start_from_parent(cfg, trainer, run):
+    # init_from=<run dir>: the parent's weights, then this run's data (engine/finetuning.py)
+    from defectvad.engine.finetuning import start_from_parent
+
+    return start_from_parent(cfg, trainer, run)
 
 
 def build_data(cfg, trainer, dataset_name):
@@ -178,6 +186,15 @@ def build_train_sets(cfg, transform, k_shot, learns):
     from defectvad.data.holdout import split_holdout
 
     holdout = cfg.evaluation.holdout
+    held_out_split = cfg.dataset.get("held_out_split")
+    if held_out_split:
+        # the data set's own normal images that no training sees (MVTec AD 2's and MVTec LOCO's validation/good)
+        if holdout:
+            raise ConfigError(f"dataset.held_out_split={held_out_split} and evaluation.holdout={holdout} both choose "
+                              f"held-out normal images; set evaluation.holdout=0 or dataset.held_out_split=null")
+        held_out = build_dataset(cfg.dataset, split=held_out_split, transform=transform, seed=cfg.seed)
+        train_set = build_dataset(cfg.dataset, split="train", transform=transform, seed=cfg.seed, k_shot=k_shot)
+        return (train_set if learns else None), held_out
     if not learns and not holdout:
         return None, None
     train_set = build_dataset(cfg.dataset, split="train", transform=transform, seed=cfg.seed,
@@ -233,11 +250,31 @@ def evaluate_model(cfg, trainer, data):
     if "category" in data["test_set"].samples[0]:
         metrics = add_category_metrics(metrics, predictions, data["test_set"].samples, fpr_limit,
                                        None if histogram is None else sink.categories)
+    # metrics of a data set's own protocol (MVTec LOCO's sPRO, Real-IAD's per-object scores)
+    extra_metrics = getattr(data["test_set"], "compute_extra_metrics", None)
+    if extra_metrics is not None:
+        metrics["extra"] = extra_metrics(predictions, cfg.evaluation.get("full_resolution", False))
     holdout = None if data["holdout"] is None else trainer.predict(data["holdout"], stored_size=stored_size)
-    thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile)
+    thresholds = fit_thresholds(metrics, predictions["anomaly_map"], holdout, cfg.evaluation.normal_quantile,
+                                predictions["label"])
+    predictions["holdout"] = holdout
     if meter is not None and meter.count:
         metrics["reconstruction"] = meter.summary()
     return predictions, metrics, thresholds, test_s
+
+
+def grade_test_images(cfg, run_dir, data, predictions, thresholds, weights_path, device):
+    # severity, type and location (grading.json, regions.csv); a failure here is recorded and leaves the run ok
+    from defectvad.grading.run_grading import check_grading, grade_run
+
+    if not cfg.get("grading") or not cfg.grading.enabled:
+        return None
+    check_grading(cfg.grading)
+    try:
+        return grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
+    except Exception as error:
+        log.warning("grading not done: %s", error)
+        return {"error": str(error)}
 
 
 def create_reconstruction_meter(cfg, trainer):
@@ -283,6 +320,7 @@ def summarize_run(cfg, trainer, data, predictions, metrics, thresholds, device, 
         "metrics": {key: metrics[key] for key in METRIC_KEYS},
         **describe_categories(metrics),
         **({"reconstruction": metrics["reconstruction"]} if "reconstruction" in metrics else {}),
+        **metrics.get("extra", {}),
         "thresholds": thresholds,
         "timing": timing,
         "resources": read_peak_memory(device),

@@ -70,3 +70,23 @@ class CategoryUnion(Dataset):
 
     def load_full_resolution_mask(self, sample):
         return self.parts[sample["category"]].load_full_resolution_mask(sample)
+
+    def compute_extra_metrics(self, predictions, full_resolution=False):
+        # a data set's own metrics (MVTec LOCO's sPRO, Real-IAD's objects), category by category
+        import torch
+
+        result = {}
+        count = len(predictions["image_path"])
+        for name, part in self.parts.items():
+            extra_metrics = getattr(part, "compute_extra_metrics", None)
+            if extra_metrics is None:
+                continue
+            paths = {sample["image_path"] for sample in part.samples}
+            chosen = [i for i, path in enumerate(predictions["image_path"]) if path in paths]
+            index = torch.tensor(chosen, dtype=torch.long)
+            subset = {key: value[index] if torch.is_tensor(value) and value.shape[:1] == (count,) else value
+                      for key, value in predictions.items()}
+            subset["image_path"] = [predictions["image_path"][i] for i in chosen]
+            for key, value in extra_metrics(subset, full_resolution).items():
+                result.setdefault(key, {})[name] = value
+        return result
