@@ -34,7 +34,7 @@ def write_map_files(anomaly_map, pixel_threshold, tiff_path, png_path):
         import tifffile
     except ImportError:
         raise DefectVADError("writing the server's float16 TIFF maps needs the tifffile package (PIL writes no "
-                             "float16): pip install tifffile") from None
+                             "float16): pip install tifffile, or pip install -e .[submission]") from None
     if np.abs(anomaly_map).max() > FLOAT16_MAX:
         raise ConfigError(f"the map of {tiff_path.stem} reaches {np.abs(anomaly_map).max():.6g}, beyond float16 "
                           f"(the server's format, at most {FLOAT16_MAX:g}); this model's scores need rescaling")
