@@ -8,40 +8,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defectvad.backbones.clip import CLIP, CLIP_ARCHITECTURES
-from defectvad.backbones.registry import BACKBONES, find_entry, get_backbone
-from defectvad.backbones.weights import load_state_dict
+from defectvad.backbones.clip_loading import load_clip
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.engine.inference_batch import InferenceBatch
-from defectvad.errors import BackboneError, ConfigError, TrainingError
+from defectvad.errors import ConfigError, TrainingError
 from defectvad.models.afclip.anomaly_map import AnomalyMapGenerator
 
 BACKBONE = "clip_vit_l14_336"
 TEMPERATURE = 0.07
 STATE_PROMPTS = ("without defect.", "with defect.")
-
-
-def load_clip(backbone, weights_path=None, architecture=None):
-    # architecture: sizes that replace the backbone's where not None (random weights only: small CLIPs for tests)
-    architecture = {key: value for key, value in (architecture or {}).items() if value is not None}
-    if get_backbone(backbone).family != "clip":
-        names = [name for name, spec in BACKBONES.items() if spec.family == "clip"]
-        raise ConfigError(f"AF-CLIP runs on a CLIP backbone, not {backbone}: choose one of {', '.join(names)} "
-                          f"(the authors' is {BACKBONE})")
-    if architecture and weights_path is not None:
-        raise ConfigError("model.clip_architecture replaces the CLIP's sizes, so no weights file fits it: "
-                          "set backbone.pretrained=false")
-    clip = CLIP(**{**CLIP_ARCHITECTURES[backbone], **architecture})
-    if weights_path is not None:
-        state = load_state_dict(weights_path)
-        _, entry = find_entry(weights_path)
-        if entry is not None and entry["convert"] is not None:
-            state = entry["convert"](state)
-        missing, unexpected = clip.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BackboneError(f"{weights_path} does not fit CLIP {backbone} ({len(missing)} tensors missing, "
-                                f"{len(unexpected)} unexpected, first: {(missing or unexpected)[0]})")
-    return clip.eval()
 
 
 def gaussian_kernel(size, sigma):
@@ -95,7 +70,7 @@ class AfClipModel(DynamicBufferMixin):
                  architecture=None):
         super().__init__()
         self.backbone = backbone
-        self.clip = load_clip(backbone, weights_path, architecture)
+        self.clip = load_clip(backbone, weights_path, architecture, "AF-CLIP", f"the authors' is {BACKBONE}")
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
         depth = len(self.clip.visual.transformer.resblocks)

@@ -5,44 +5,16 @@
 import torch
 from torch.nn import functional as F
 
-from defectvad.backbones.clip import CLIP, CLIP_ARCHITECTURES
-from defectvad.backbones.registry import BACKBONES, find_entry, get_backbone
-from defectvad.backbones.weights import load_state_dict
+from defectvad.backbones.clip_loading import load_clip
 from defectvad.components.dynamic_buffers import DynamicBufferMixin
 from defectvad.engine.inference_batch import InferenceBatch
-from defectvad.errors import BackboneError, ConfigError, TrainingError
+from defectvad.errors import TrainingError
 from defectvad.models.winclip.prompting import create_prompt_ensemble
 from defectvad.models.winclip.scoring import class_scores, harmonic_aggregation, make_masks, visual_association_score
 
 BACKBONE = "clip_vit_b16_plus_240"
 # the temperature of the CLIP paper
 TEMPERATURE = 0.07
-
-
-def clip_backbones():
-    return [name for name, spec in BACKBONES.items() if spec.family == "clip"]
-
-
-def load_clip(backbone, weights_path=None, architecture=None):
-    # architecture: sizes that replace the backbone's where not None (random weights only: small CLIPs for tests)
-    architecture = {key: value for key, value in (architecture or {}).items() if value is not None}
-    if get_backbone(backbone).family != "clip":
-        raise ConfigError(f"WinCLIP runs on a CLIP backbone, not {backbone}: choose one of {', '.join(clip_backbones())} "
-                          f"(anomalib's is {BACKBONE})")
-    if architecture and weights_path is not None:
-        raise ConfigError("model.clip_architecture replaces the CLIP's sizes, so no weights file fits it: "
-                          "set backbone.pretrained=false")
-    clip = CLIP(**{**CLIP_ARCHITECTURES[backbone], **architecture})
-    if weights_path is not None:
-        state = load_state_dict(weights_path)
-        _, entry = find_entry(weights_path)
-        if entry is not None and entry["convert"] is not None:
-            state = entry["convert"](state)
-        missing, unexpected = clip.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BackboneError(f"{weights_path} does not fit CLIP {backbone} ({len(missing)} tensors missing, "
-                                f"{len(unexpected)} unexpected, first: {(missing or unexpected)[0]})")
-    return clip.eval()
 
 
 class WinClipModel(DynamicBufferMixin):
@@ -54,7 +26,7 @@ class WinClipModel(DynamicBufferMixin):
         self.tokenizer = tokenizer
         self.class_name = None
         self.k_shot = 0
-        self.clip = load_clip(backbone, weights_path, architecture)
+        self.clip = load_clip(backbone, weights_path, architecture, "WinCLIP", f"anomalib's is {BACKBONE}")
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
         self.grid_size = self.clip.visual.grid_size
