@@ -4,17 +4,18 @@ from torch import nn
 
 def init_weight(module):
     # Xavier-normal linear layers, BatchNorm scales around 1, Kaiming-normal convolutions, zero biases
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, mean=1.0, std=0.02)
+        nn.init.zeros_(module.bias)
+        return
     if isinstance(module, nn.Linear):
         nn.init.xavier_normal_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        module.weight.data.normal_(1.0, 0.02)
-        module.bias.data.fill_(0)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
         nn.init.kaiming_normal_(module.weight, nonlinearity="leaky_relu")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class Projection(nn.Module):
