@@ -1,6 +1,7 @@
 # src/defectvad/atomic_files.py
 import json
 import os
+import shutil
 import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,6 +31,22 @@ def atomic_write(path):
     finally:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def write_folder_atomic(target, write):
+    # write(folder) fills a temporary folder beside target, which then becomes target in one rename; when another
+    # process finished the same target first, its folder is kept
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        write(temporary)
+        os.rename(temporary, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_text_atomic(path, text):

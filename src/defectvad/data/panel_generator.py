@@ -4,14 +4,15 @@ import io
 import json
 import math
 import os
-import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from defectvad.atomic_files import write_folder_atomic
 from defectvad.data.panel_defects import DEFECTS
 from defectvad.data.panel_scenes import CELLS, add_sensor_noise, render_emission, render_optics
 from defectvad.data.panel_severity import LEVELS, jnd_contrast, severity_index, severity_level
@@ -151,20 +152,9 @@ def generate_panel_dataset(root, categories=None, seed=0):
                            f"choose from {', '.join(PANEL_CATEGORIES)}")
     root.mkdir(parents=True, exist_ok=True)
     for name in categories:
-        target = root / name
-        if not target.exists():
-            temporary = root / f".{name}.tmp-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            try:
-                write_category(temporary, name, seed)
-                os.rename(temporary, target)
-            except OSError:
-                # another process finished the same category first
-                if not target.is_dir():
-                    raise
-            finally:
-                shutil.rmtree(temporary, ignore_errors=True)
-        check_stamp(target, seed)
+        if not (root / name).exists():
+            write_folder_atomic(root / name, partial(write_category, category=name, seed=seed))
+        check_stamp(root / name, seed)
     return root
 
 

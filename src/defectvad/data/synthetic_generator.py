@@ -1,14 +1,15 @@
 # src/defectvad/data/synthetic_generator.py
 import math
 import os
-import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from defectvad.atomic_files import write_folder_atomic
 from defectvad.data.synthetic_defects import DEFECTS
 from defectvad.data.synthetic_scenes import (SIZE, XX, YY, render_disc, render_gear, render_marble,
                                              render_tablet, render_tiles, render_weave)
@@ -97,18 +98,6 @@ def generate_synthetic_dataset(root, categories=None, seed=0):
                            f"choose from {', '.join(SYNTHETIC_CATEGORIES)}")
     root.mkdir(parents=True, exist_ok=True)
     for name in categories:
-        target = root / name
-        if target.exists():
-            continue
-        temporary = root / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        try:
-            write_category(temporary, name, seed)
-            os.rename(temporary, target)
-        except OSError:
-            # another process finished the same category first
-            if not target.is_dir():
-                raise
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+        if not (root / name).exists():
+            write_folder_atomic(root / name, partial(write_category, name=name, seed=seed))
     return root
