@@ -1,8 +1,9 @@
 # src/defectvad/data/mvtec_ad2.py
 # MVTec AD 2: <category>/train/good, validation/good, test_public/{good,bad,ground_truth/bad/<stem>_mask.png};
 # test_private and test_private_mixed hold images without labels or masks, for the evaluation server only
-from defectvad.data.base import AnomalyDataset, create_sample, find_category_dir
+from defectvad.data.base import create_sample, find_category_dir
 from defectvad.data.images import find_mask, index_images_by_stem, list_images
+from defectvad.data.validation_good import ValidationGoodDataset, check_held_out_split
 from defectvad.errors import ConfigError, DatasetError
 
 TEST_SETS = {"public": "test_public", "private": "test_private", "private_mixed": "test_private_mixed"}
@@ -29,14 +30,12 @@ def list_private_images(root, category, test_set):
     return images
 
 
-class MVTecAD2Dataset(AnomalyDataset):
+class MVTecAD2Dataset(ValidationGoodDataset):
     CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
     NAME = "MVTec AD 2"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, max_image_pixels=None,
                  resize_masks=False, test_set="public", held_out_split=None):
-        # split "validation" reads validation/good: normal images none of the training sees; held_out_split=validation
-        # makes them the run's held-out normals (normal-only threshold, trainer.validation=holdout)
         check_held_out_split(held_out_split)
         if test_set not in TEST_SETS:
             raise ConfigError(f"dataset.test_set must be one of: {', '.join(TEST_SETS)}; got {test_set!r}")
@@ -45,19 +44,12 @@ class MVTecAD2Dataset(AnomalyDataset):
                               f"train and test on test_set=public, then write the server's maps for "
                               f"{TEST_SETS[test_set]} with {PRIVATE_TOOL} <run dir> <dataset root>")
         self.test_set = test_set
-        self.normal_folder = "validation" if split == "validation" else "train"
-        held_out = split == "validation"
-        super().__init__(root, category, "train" if held_out else split, transform, None if held_out else k_shot,
-                         seed, max_image_pixels, resize_masks)
-        self.split = split
+        super().__init__(root, category, split, transform, k_shot, seed, max_image_pixels, resize_masks)
 
     def collect_samples(self):
         category_dir = find_category_dir(self.root, self.category, self.NAME)
         if self.split == "train":
-            folder = category_dir / self.normal_folder / "good"
-            if not folder.is_dir():
-                raise DatasetError(f"folder {folder} not found; {describe_layout(category_dir)}")
-            return [create_sample(p, None, 0, "good") for p in list_images(folder)]
+            return self.collect_normal_samples(category_dir, describe_layout(category_dir))
         test_dir = category_dir / TEST_SETS[self.test_set]
         samples = []
         for kind in ("good", "bad"):
@@ -73,9 +65,3 @@ class MVTecAD2Dataset(AnomalyDataset):
                                    f"_mask.png")
             samples.append(create_sample(image_path, mask_path, 1, "bad"))
         return samples
-
-
-def check_held_out_split(held_out_split):
-    if held_out_split not in (None, "validation"):
-        raise ConfigError(f"dataset.held_out_split must be validation (validation/good as held-out normal images) or "
-                          f"null; got {held_out_split!r}")

@@ -11,10 +11,10 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from defectvad.data.base import AnomalyDataset, check_mask_size, create_sample, find_category_dir
+from defectvad.data.base import check_mask_size, create_sample, find_category_dir
 from defectvad.data.images import list_images, open_image, read_image_size
-from defectvad.data.mvtec_ad2 import check_held_out_split
 from defectvad.data.transforms import to_size_pair
+from defectvad.data.validation_good import ValidationGoodDataset, check_held_out_split
 from defectvad.errors import ConfigError, DatasetError
 
 ANOMALY_TYPES = ("logical_anomalies", "structural_anomalies")
@@ -88,33 +88,24 @@ def resize_region(region, transform, map_size):
     return tensor[0].numpy() > 0
 
 
-class MVTecLocoDataset(AnomalyDataset):
+class MVTecLocoDataset(ValidationGoodDataset):
     CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
     NAME = "MVTec LOCO AD"
 
     def __init__(self, root, category, split, transform=None, k_shot=None, seed=0, max_image_pixels=None,
                  resize_masks=False, spro_fpr_limit=0.05, held_out_split=None):
-        # split "validation" reads validation/good, normal images none of the training sees; held_out_split=validation
-        # makes them the run's held-out normals (normal-only threshold, trainer.validation=holdout)
         check_held_out_split(held_out_split)
         if isinstance(spro_fpr_limit, bool) or not isinstance(spro_fpr_limit, (int, float)) \
                 or not 0 < spro_fpr_limit <= 1:
             raise ConfigError(f"dataset.spro_fpr_limit must lie in (0, 1], got {spro_fpr_limit!r}")
         self.spro_fpr_limit = float(spro_fpr_limit)
-        self.normal_folder = "validation" if split == "validation" else "train"
-        held_out = split == "validation"
         self.defects = None
-        super().__init__(root, category, "train" if held_out else split, transform, None if held_out else k_shot,
-                         seed, max_image_pixels, resize_masks)
-        self.split = split
+        super().__init__(root, category, split, transform, k_shot, seed, max_image_pixels, resize_masks)
 
     def collect_samples(self):
         category_dir = find_category_dir(self.root, self.category, self.NAME)
         if self.split == "train":
-            folder = category_dir / self.normal_folder / "good"
-            if not folder.is_dir():
-                raise DatasetError(f"folder {folder} not found; {describe_layout(category_dir)}")
-            return [create_sample(p, None, 0, "good") for p in list_images(folder)]
+            return self.collect_normal_samples(category_dir, describe_layout(category_dir))
         for kind in ("good",) + ANOMALY_TYPES:
             if not (category_dir / "test" / kind).is_dir():
                 raise DatasetError(f"folder {category_dir / 'test' / kind} not found; {describe_layout(category_dir)}")
