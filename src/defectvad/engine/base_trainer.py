@@ -122,9 +122,6 @@ class BaseTrainer:
         return predict_tiles(self.validation_step, batch, batch_idx, self.tiler, self.tile_batch_size,
                              self.tile_image_score)
 
-    def learns_by_gradient(self):
-        return self.optimizer is not None
-
     def fit(self, train_loader=None, val_loader=None):
         learns = self.learning_type != "zero_shot"
         if learns and (train_loader is None or len(train_loader.dataset) == 0):
