@@ -1,7 +1,9 @@
 # tests/fakes.py
 import math
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 
@@ -28,3 +30,21 @@ class StripesDataset(Dataset):
 
     def __getitem__(self, index):
         return self.items[index]
+
+
+def write_square_panels(root, normal_count, squares, grey=120, seed=0):
+    # 32x32 grey noise panels in good/; in bad/ one per (top, colour) with an 8-pixel square of that colour at
+    # (top, top), its mask in masks/
+    rng = np.random.default_rng(seed)
+    for folder in ("good", "bad", "masks"):
+        (root / folder).mkdir(parents=True)
+    for index in range(normal_count):
+        image = rng.normal(grey, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "good" / f"{index}.png")
+    for index, (top, colour) in enumerate(squares):
+        image = rng.normal(grey, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        image[top:top + 8, top:top + 8], mask[top:top + 8, top:top + 8] = colour, 255
+        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
+    return root

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image
 from skimage.color import deltaE_ciede2000, rgb2lab, rgb2xyz, xyz2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -21,6 +20,7 @@ from defectvad.metrics.image_quality import MS_SSIM_WEIGHTS, ms_ssim, psnr, ssim
 from defectvad.metrics.lpips import LPIPS_NETS, LpipsModel, choose_lpips_net, load_lpips
 from defectvad.metrics.mura import mura_band_power, mura_band_share
 from defectvad.metrics.reconstruction import ReconstructionMeter
+from fakes import write_square_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -292,22 +292,8 @@ def test_reconstruction_meter_averages_the_metrics_per_image():
     assert small.summary()["psnr"] == 100.0 and small.summary()["ms_ssim"] is None
 
 
-def write_panels(root):
-    rng = np.random.default_rng(0)
-    for folder in ("good", "bad", "masks"):
-        (root / folder).mkdir(parents=True)
-    for index in range(6):
-        noise = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(noise).save(root / "good" / f"{index}.png")
-    for index, top in enumerate((2, 16)):
-        image, mask = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8), np.zeros((32, 32), np.uint8)
-        image[top:top + 8, top:top + 8], mask[top:top + 8, top:top + 8] = (250, 30, 30), 255
-        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
-        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
-
-
 def test_reconstruction_models_record_display_metrics(tmp_path):
-    write_panels(tmp_path / "panels")
+    write_square_panels(tmp_path / "panels", 6, [(2, (250, 30, 30)), (16, (250, 30, 30))])
     overrides = ["model=autoencoder", "model.depth=2", "model.latent_dim=4", "model.base_width=4", "hardware=cpu",
                  "hardware.threads=1", "transform.image_size=[32,32]", "trainer.max_epochs=1",
                  "trainer.progress_bar=false", "evaluation.save_images=false", "evaluation.efficiency=false",

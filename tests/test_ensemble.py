@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
@@ -24,6 +23,7 @@ from defectvad.models.ensemble.calibration import MemberCalibration
 from defectvad.models.ensemble.fusion import MemberFusion, choose_weights, fit_logistic, simplex_grid
 from defectvad.models.ensemble.members import MemberInput, check_member_folders, check_same_data
 from defectvad.models.ensemble.torch_model import EnsembleModel
+from fakes import write_square_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -182,20 +182,8 @@ def test_missing_failed_and_mixed_members_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def panels(tmp_path_factory):
-    root = tmp_path_factory.mktemp("panels")
-    rng = np.random.default_rng(0)
-    for folder in ("good", "bad", "masks"):
-        (root / folder).mkdir()
-    for index in range(16):
-        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "good" / f"{index}.png")
-    for index, top in enumerate((2, 12, 20)):
-        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        mask = np.zeros((32, 32), np.uint8)
-        image[top:top + 8, top:top + 8], mask[top:top + 8, top:top + 8] = (250, 30, 30), 255
-        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
-        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
-    return root
+    red = (250, 30, 30)
+    return write_square_panels(tmp_path_factory.mktemp("panels"), 16, [(2, red), (12, red), (20, red)])
 
 
 def run(panels, run_dir, model, *overrides):

@@ -18,7 +18,7 @@ from defectvad.errors import ConfigError
 from defectvad.experiment import run_experiment
 from defectvad.inference.runs import TrainedRun
 from defectvad.models.patch_knn.torch_model import PatchKnnModel
-from fakes import StripesDataset
+from fakes import StripesDataset, write_square_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,19 +27,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def panels(tmp_path_factory):
     # grey noise; each anomalous panel has a square of its own colour and place, with its mask
-    root = tmp_path_factory.mktemp("panels")
-    rng = np.random.default_rng(0)
-    for folder in ("good", "bad", "masks"):
-        (root / folder).mkdir()
-    for index in range(16):
-        Image.fromarray(rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)).save(root / "good" / f"{index}.png")
-    for index, (top, colour) in enumerate([(2, (250, 30, 30)), (12, (30, 250, 30)), (20, (30, 30, 250))]):
-        image = rng.normal(120, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        mask = np.zeros((32, 32), np.uint8)
-        image[top:top + 8, top:top + 8], mask[top:top + 8, top:top + 8] = colour, 255
-        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
-        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
-    return root
+    return write_square_panels(tmp_path_factory.mktemp("panels"), 16,
+                               [(2, (250, 30, 30)), (12, (30, 250, 30)), (20, (30, 30, 250))])
 
 
 def compose_run(panels, *overrides):

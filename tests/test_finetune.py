@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,32 +18,19 @@ from defectvad.errors import ConfigError
 from defectvad.experiment import run_experiment
 from defectvad.models.padim.trainer import PadimTrainer
 from defectvad.models.stfpm.trainer import StfpmTrainer
+from fakes import write_square_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def write_panels(root, grey, colour):
-    # 12 normal noise images of one grey; 3 with a square of one colour, with masks
-    rng = np.random.default_rng(grey)
-    for folder in ("good", "bad", "masks"):
-        (root / folder).mkdir(parents=True)
-    for index in range(12):
-        image = rng.normal(grey, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "good" / f"{index}.png")
-    for index, top in enumerate((2, 12, 20)):
-        image = rng.normal(grey, 8, (32, 32, 3)).clip(0, 255).astype(np.uint8)
-        mask = np.zeros((32, 32), np.uint8)
-        image[top:top + 8, top:top + 8], mask[top:top + 8, top:top + 8] = colour, 255
-        Image.fromarray(image).save(root / "bad" / f"b{index}.png")
-        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune_sets")
-    return write_panels(root / "a", 120, (250, 30, 30)), write_panels(root / "b", 80, (30, 30, 250))
+    # 12 normal noise images of one grey; 3 with a square of one colour, with masks
+    red, blue = (250, 30, 30), (30, 30, 250)
+    return (write_square_panels(root / "a", 12, [(2, red), (12, red), (20, red)], grey=120, seed=120),
+            write_square_panels(root / "b", 12, [(2, blue), (12, blue), (20, blue)], grey=80, seed=80))
 
 
 @functools.lru_cache
