@@ -48,3 +48,19 @@ def write_square_panels(root, normal_count, squares, grey=120, seed=0):
         Image.fromarray(image).save(root / "bad" / f"b{index}.png")
         Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
     return root
+
+
+def write_image(path, value=128, size=(32, 32)):
+    # a flat RGB image of (width, height) size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value // 2, 30)).save(path)
+    return path
+
+
+def write_mask(path, box=(8, 8, 24, 24), value=255, size=(32, 32)):
+    # box (x0, y0, x1, y1) set to value in a mask of (width, height) size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.zeros(size[::-1], dtype=np.uint8)
+    array[box[1]:box[3], box[0]:box[2]] = value
+    Image.fromarray(array).save(path)
+    return path

@@ -19,7 +19,7 @@ from defectvad.experiment import run_experiment
 from defectvad.metrics.evaluation import compute_metrics
 from defectvad.metrics.per_category import compute_category_metrics, mean_metrics
 from defectvad.records import METRIC_KEYS
-from test_datasets import write_image, write_mask
+from fakes import write_image, write_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ImageTransform((16, 16), normalize=False)

@@ -12,22 +12,9 @@ from defectvad.data.mvtec import MVTecDataset
 from defectvad.data.transforms import ImageTransform
 from defectvad.data.visa import VisaDataset
 from defectvad.errors import DatasetError
+from fakes import write_image, write_mask
 
 SMALL = ImageTransform((16, 16), normalize=False)
-
-
-def write_image(path, value=128, size=(32, 32), suffix=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (value, value // 2, 30)).save(path)
-    return path
-
-
-def write_mask(path, box=(8, 8, 24, 24), value=255, size=(32, 32)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.zeros(size, dtype=np.uint8)
-    array[box[1]:box[3], box[0]:box[2]] = value
-    Image.fromarray(array).save(path)
-    return path
 
 
 def write_mvtec(root, category="bottle"):
