@@ -1,4 +1,5 @@
 # tests/test_panel.py
+import importlib.util
 import json
 from pathlib import Path
 
@@ -168,3 +169,12 @@ def test_dataset_panel_composes_and_builds(generated):
     train = build_dataset(cfg.dataset, split="train", transform=SMALL, seed=0)
     assert isinstance(train, PanelDataset) and len(train) == 40
     assert resolve_categories(every.dataset) == ["plain", "stripe"]
+
+
+def test_the_panel_sheet_tool_names_an_unknown_category_in_one_line(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("panel_sheet", ROOT / "tools" / "panel_sheet.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--root", str(tmp_path), "--category", "nope", "--out", str(tmp_path / "sheet.png")]) == 1
+    assert capsys.readouterr().err == "error: unknown panel categories: nope; choose from plain, stripe\n"
+    assert not (tmp_path / "sheet.png").exists()

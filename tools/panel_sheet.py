@@ -81,10 +81,16 @@ def main(argv=None):
     parser.add_argument("--category", default="plain")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
-    generate_panel_dataset(args.root, [args.category])
-    draw_sheet(Path(args.root) / args.category).save(args.out)
+    try:
+        generate_panel_dataset(args.root, [args.category])
+        draw_sheet(Path(args.root) / args.category).save(args.out)
+    except Exception as error:
+        from defectvad.errors import report_user_error
+
+        return report_user_error(error)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
