@@ -6,13 +6,12 @@ import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from defectvad.atomic_files import write_folder_atomic
+from defectvad.data.generated_sets import generate_categories
 from defectvad.data.panel_defects import DEFECTS
 from defectvad.data.panel_scenes import CELLS, add_sensor_noise, render_emission, render_optics
 from defectvad.data.panel_severity import LEVELS, jnd_contrast, severity_index, severity_level
@@ -142,20 +141,9 @@ def check_stamp(folder, seed):
 
 
 def generate_panel_dataset(root, categories=None, seed=0):
-    root = Path(root)
-    categories = PANEL_CATEGORIES if categories is None else categories
-    if isinstance(categories, str):
-        categories = [categories]
-    unknown = [c for c in categories if c not in PANEL_CATEGORIES]
-    if unknown:
-        raise DatasetError(f"unknown panel categories: {', '.join(map(str, unknown))}; "
-                           f"choose from {', '.join(PANEL_CATEGORIES)}")
-    root.mkdir(parents=True, exist_ok=True)
-    for name in categories:
-        if not (root / name).exists():
-            write_folder_atomic(root / name, partial(write_category, category=name, seed=seed))
-        check_stamp(root / name, seed)
-    return root
+    for name in generate_categories(root, categories, PANEL_CATEGORIES, "panel", write_category, seed):
+        check_stamp(Path(root) / name, seed)
+    return Path(root)
 
 
 def read_defects(category_dir):

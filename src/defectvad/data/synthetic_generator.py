@@ -3,17 +3,15 @@ import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from defectvad.atomic_files import write_folder_atomic
+from defectvad.data.generated_sets import generate_categories
 from defectvad.data.synthetic_defects import DEFECTS
 from defectvad.data.synthetic_scenes import (SIZE, XX, YY, render_disc, render_gear, render_marble,
                                              render_tablet, render_tiles, render_weave)
-from defectvad.errors import DatasetError
 
 CATEGORY_SPECS = {
     "tiles": (render_tiles, ("crack", "hole", "stain", "color")),
@@ -88,16 +86,5 @@ def write_category(folder, name, seed):
 
 
 def generate_synthetic_dataset(root, categories=None, seed=0):
-    root = Path(root)
-    categories = SYNTHETIC_CATEGORIES if categories is None else categories
-    if isinstance(categories, str):
-        categories = [categories]
-    unknown = [c for c in categories if c not in CATEGORY_SPECS]
-    if unknown:
-        raise DatasetError(f"unknown synthetic categories: {', '.join(map(str, unknown))}; "
-                           f"choose from {', '.join(SYNTHETIC_CATEGORIES)}")
-    root.mkdir(parents=True, exist_ok=True)
-    for name in categories:
-        if not (root / name).exists():
-            write_folder_atomic(root / name, partial(write_category, name=name, seed=seed))
-    return root
+    generate_categories(root, categories, SYNTHETIC_CATEGORIES, "synthetic", write_category, seed)
+    return Path(root)
