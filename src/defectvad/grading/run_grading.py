@@ -84,7 +84,8 @@ def assign_folds(types, labelled, folds, seed):
 
 
 def load_pictures(cfg, paths, size):
-    # (display pictures (H, W, 3) at the map's size, normalised model-size inputs for the features)
+    # (display pictures (H, W, 3) and normalised inputs for the features, both at the kept maps' size: the input size,
+    # or a tiled run's tile size, so that memory follows the kept maps, not the full-size images)
     from torchvision.transforms import functional as F
     from torchvision.transforms.v2 import functional as TF
 
@@ -96,8 +97,10 @@ def load_pictures(cfg, paths, size):
     pictures, inputs = [], []
     for path in paths:
         picture, _ = transform(read_image(path, max_pixels))
+        if tuple(picture.shape[-2:]) != tuple(size):
+            picture = TF.resize(picture, list(size), antialias=True)
         inputs.append(F.normalize(picture, transform.mean, transform.std))
-        pictures.append(TF.resize(picture, list(size), antialias=True).permute(1, 2, 0).double().numpy())
+        pictures.append(picture.permute(1, 2, 0).double().numpy())
     return pictures, inputs
 
 
