@@ -112,3 +112,16 @@ def test_trainer_fits_in_one_epoch():
     trainer.fit(loader)
     assert trainer.model.gaussian.mean.shape == (100, 256)
     assert trainer.model.memory_bank == []
+
+
+def test_more_epochs_asked_of_a_one_pass_model_run_one_pass():
+    # a sweep over several models sets trainer.max_epochs for the gradient ones: PaDiM still collects once
+    trainer = PadimTrainer(backbone="resnet18").configure_engine(max_epochs=10)
+    assert trainer.max_epochs == 1
+    passes = []
+    trainer.on_train_epoch_start = lambda: passes.append(trainer.current_epoch)
+    images = make_images(4, False, 5)[0]
+    loader = torch.utils.data.DataLoader([{"image": image, "label": 0, "mask": torch.zeros(1, 64, 64),
+                                           "image_path": str(i)} for i, image in enumerate(images)], batch_size=4)
+    trainer.fit(loader)
+    assert passes == [0] and trainer.current_epoch == 1
