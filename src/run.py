@@ -13,6 +13,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
+from defectvad.engine.resources import fix_mmap_threshold  # noqa: E402
 from defectvad.engine.signals import stop_on_sigterm  # noqa: E402
 from defectvad.experiment import run_experiment  # noqa: E402
 from defectvad.hydra_errors import explain_hydra_errors  # noqa: E402
@@ -23,6 +24,7 @@ from defectvad.sweeps.jobs import run_single_job, run_sweep_job  # noqa: E402
 log = logging.getLogger("defectvad")
 # a run.log on a full disk drops its lines instead of printing a traceback for each; the run's own message says why
 logging.raiseExceptions = False
+fix_mmap_threshold()
 prepare_sweeps()
 explain_hydra_errors()
 

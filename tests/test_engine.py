@@ -194,3 +194,13 @@ def test_a_learning_rate_the_weights_cannot_take_stops_before_the_first_step(lr)
     with pytest.raises(ConfigError, match="learning rate"):
         trainer.fit(DataLoader(BlobDataset(4), batch_size=2))
     assert all(torch.equal(before[name], value) for name, value in trainer.model.state_dict().items())
+
+
+def test_large_buffers_stay_off_the_heap_on_glibc():
+    import platform
+
+    from defectvad.engine.resources import fix_mmap_threshold
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's M_MMAP_THRESHOLD is glibc's; this system has another C library")
+    assert fix_mmap_threshold() is True
