@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from sklearn.metrics import cohen_kappa_score
 
 from defectvad.errors import ConfigError
 from defectvad.grading.calibration import MapCalibration
-from defectvad.grading.contrast import ring_contrast
+from defectvad.grading.contrast import ring_around, ring_contrast
 from defectvad.grading.defect_types import TypeClassifier, confusion_matrix
 from defectvad.grading.kappa import quadratic_weighted_kappa
 from defectvad.grading.localisation import box_iou, measure_hits
@@ -46,6 +47,34 @@ def test_ring_contrast_is_the_weber_contrast_of_the_most_changed_channel():
     assert ring_contrast(image, mask, width=2) == pytest.approx(-20.0)
     image[0:3, :, 1] = 0.9  # far away: outside the ring, no effect
     assert ring_contrast(image, mask, width=2) == pytest.approx(-20.0)
+
+
+def test_region_colour_difference_matches_skimage_and_semu_follows_semi_d31():
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from defectvad.grading.images import describe_regions, grade_regions, map_pixel_area_mm2
+
+    image = np.full((30, 30, 3), 0.5)
+    image[:, :, 2] = 0.4
+    mask = np.zeros((30, 30), dtype=bool)
+    mask[10:16, 12:18] = True
+    image[mask, 0] = 0.55  # red 10 % brighter
+    image[mask, 1] = 0.47  # green 6 % darker
+    region, = describe_regions(mask * 5.0, image, 1.0, 1, 3, 0.0, pixel_area_mm2=0.08)
+    ring = ring_around(mask, 3)
+    expected = deltaE_ciede2000(rgb2lab(image[mask].mean(0)[None, None]), rgb2lab(image[ring].mean(0)[None, None]))
+    # skimage's sRGB matrix has 6 decimals, ours 7: 1e-5 apart
+    assert region["delta_e2000"] == pytest.approx(float(expected[0, 0]), rel=1e-4) and region["delta_e2000"] > 3
+    assert region["contrast_pct"] == pytest.approx(10.0)
+    # SEMU: contrast over the just noticeable contrast of the area, 36 pixels of 0.08 mm2
+    assert region["semu"] == pytest.approx(10.0 / (1.97 / (36 * 0.08) ** 0.33 + 0.72))
+    level, _ = grade_regions([region], None, "semu", default_cut_points(None, key="semu"))
+    assert level == 4 and 4 <= region["semu"] < 8
+    # a 1024 x 512 file resized to 256 x 256: one map pixel is 4 x 2 file pixels; with a 224 crop seen at 112, 8 x 4
+    resized = OmegaConf.create({"image_size": [256, 256], "center_crop": None})
+    assert map_pixel_area_mm2((1024, 512), resized, (256, 256), 0.1) == pytest.approx(8 * 0.01)
+    cropped = OmegaConf.create({"image_size": [256, 256], "center_crop": [224, 224]})
+    assert map_pixel_area_mm2((1024, 512), cropped, (112, 112), 0.1) == pytest.approx(32 * 0.01)
 
 
 def test_quadratic_weighted_kappa_matches_sklearn():
@@ -179,8 +208,6 @@ def test_grade_run_writes_levels_types_and_regions(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
     from defectvad.grading.run_grading import grade_run
     from defectvad.grading.run_model import RunGrading
 
@@ -227,8 +254,11 @@ def test_grade_run_writes_levels_types_and_regions(tmp_path):
     transform = create_transform(cfg.transform, "resnet18", False)
     run = SimpleNamespace(run_dir=tmp_path, transform=transform, cfg=cfg, device=torch.device("cpu"))
     picture, _ = transform(read_image(paths[-1]))
-    level, defect_type, regions = RunGrading(run)(picture, torch.tensor(maps[-1]))
+    level, defect_type, regions = RunGrading(run)(picture, torch.tensor(maps[-1]), (64, 32))
     assert (level, defect_type, len(regions)) == (5, "line", 1) and regions[0]["bbox"] == [2, 19, 29, 19]
+    # a file twice as wide as the map: each map pixel covers 2 x 0.1 x 0.1 mm2
+    area_mm2 = regions[0]["area_px"] * 2 * 0.01
+    assert regions[0]["semu"] == pytest.approx(abs(regions[0]["contrast_pct"]) / (1.97 / area_mm2 ** 0.33 + 0.72))
 
 
 def test_extent_trims_a_region_to_half_its_peak():

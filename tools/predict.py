@@ -35,6 +35,7 @@ def name_pictures(paths):
 
 def predict(args):
     from defectvad.atomic_files import write_text_atomic
+    from defectvad.data.images import read_image_size
     from defectvad.engine.devices import set_threads
     from defectvad.inference.predictions import find_images, predict_files
     from defectvad.inference.runs import TrainedRun
@@ -59,7 +60,7 @@ def predict(args):
     rows, graded, skipped = [], [], []
     for path, picture, score, anomaly_map in predict_files(run, paths, batch_size, skipped):
         label = int(score >= image_threshold)
-        grade = None if grading is None else grading(picture, anomaly_map)
+        grade = None if grading is None else grading(picture, anomaly_map, read_image_size(path, "image"))
         picture_name = "" if args.no_pictures else names[path]
         if picture_name:
             caption = describe(f"{path.parent.name}/{path.name}", score, image_threshold, kind)

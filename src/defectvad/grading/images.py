@@ -1,24 +1,42 @@
 # src/defectvad/grading/images.py
-# grading one image: regions of its calibrated map, each with its contrast in the picture, severity score,
-# level and type
+# grading one image: regions of its calibrated map, each with its contrast, colour difference and SEMI mura index
+# in the picture, severity score, level and type
+import math
+
 import numpy as np
 
-from defectvad.grading.contrast import ring_contrast
+from defectvad.data.transforms import to_size_pair
+from defectvad.grading.contrast import colour_difference, ring_around, weber_contrast
 from defectvad.grading.defect_types import NO_REGION
 from defectvad.grading.regions import find_regions
 from defectvad.grading.severity import assign_levels
+from defectvad.metrics.semu import semu_index
 
-SEVERITY_SCORES = ("peak_score", "mean_score", "contrast")
+# the region value a level is cut from: contrast is |contrast_pct|
+SEVERITY_SCORES = ("peak_score", "mean_score", "contrast", "delta_e2000", "semu")
 
 
-def describe_regions(calibrated, picture, threshold, min_area, ring_width, extent=0.0):
+def map_pixel_area_mm2(original_size, transform, map_size, pixel_mm):
+    # the area on the part of one map pixel: original_size (width, height) of the image file, which the transform
+    # resized to image_size and centre-cropped (or not), and the map covers at map_size (height, width)
+    width, height = original_size
+    resized = to_size_pair(transform.image_size, "transform.image_size")
+    crop = resized if transform.get("center_crop") is None else to_size_pair(transform.center_crop,
+                                                                                 "transform.center_crop")
+    return (height / resized[0] * crop[0] / map_size[0]) * (width / resized[1] * crop[1] / map_size[1]) * pixel_mm ** 2
+
+
+def describe_regions(calibrated, picture, threshold, min_area, ring_width, extent=0.0, pixel_area_mm2=0.01):
     # picture: (H, W, C) in [0, 1] at the map's size
     regions = find_regions(calibrated, threshold, min_area, extent)
     everything = np.zeros(np.shape(calibrated), dtype=bool)
     for region in regions:
         everything |= region["mask"]
     for region in regions:
-        region["contrast_pct"] = ring_contrast(picture, region["mask"], ring_width, everything)
+        ring = ring_around(region["mask"], ring_width, everything)
+        region["contrast_pct"] = weber_contrast(picture, region["mask"], ring)
+        region["delta_e2000"] = colour_difference(picture, region["mask"], ring)
+        region["semu"] = float(semu_index(region["contrast_pct"], region["area_px"] * pixel_area_mm2))
     return regions
 
 
@@ -47,4 +65,6 @@ def worst_score(regions, key):
 
 
 def public_region(region):
-    return {key: value for key, value in region.items() if key != "mask"}
+    # without its mask, and null where a value is not finite (a region without a ring has no contrast)
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in region.items() if key != "mask"}

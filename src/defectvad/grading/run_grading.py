@@ -18,7 +18,8 @@ from defectvad.errors import ConfigError
 from defectvad.grading.calibration import MapCalibration
 from defectvad.grading.contrast import ring_contrast
 from defectvad.grading.defect_types import NO_REGION, TypeClassifier, confusion_matrix
-from defectvad.grading.images import SEVERITY_SCORES, describe_regions, grade_regions, public_region, worst_score
+from defectvad.grading.images import SEVERITY_SCORES, describe_regions, grade_regions, map_pixel_area_mm2, \
+    public_region, worst_score
 from defectvad.grading.kappa import quadratic_weighted_kappa
 from defectvad.grading.localisation import measure_hits
 from defectvad.grading.region_shape import describe_shape
@@ -29,7 +30,7 @@ from defectvad.grading.severity import IMAGE_LEVELS, assign_levels, check_cut_po
 log = logging.getLogger("defectvad")
 FEATURE_WEIGHTS = "weights/grading_features.safetensors"
 REGION_COLUMNS = ("image_path", "region", "x_min", "y_min", "x_max", "y_max", "centroid_x", "centroid_y", "area_px",
-                  "area_pct", "peak_score", "mean_score", "contrast_pct", "severity_score", "level", "type",
+                  "area_pct", "peak_score", "mean_score", "contrast_pct", "delta_e2000", "semu", "severity_score", "level", "type",
                   "image_level", "image_type", "true_level", "true_type")
 
 
@@ -37,6 +38,8 @@ def check_grading(settings):
     if settings.severity_score not in SEVERITY_SCORES:
         raise ConfigError(f"grading.severity_score must be one of: {', '.join(SEVERITY_SCORES)}; "
                           f"got '{settings.severity_score}'")
+    if not settings.pixel_mm > 0:
+        raise ConfigError(f"grading.pixel_mm must be a positive pixel pitch in mm, got {settings.pixel_mm}")
     if settings.folds < 2:
         raise ConfigError(f"grading.folds must be 2 or more, got {settings.folds}")
     if settings.cut_points is not None:
@@ -85,7 +88,8 @@ def assign_folds(types, labelled, folds, seed):
 
 def load_pictures(cfg, paths, size):
     # (display pictures (H, W, 3) and normalised inputs for the features, both at the kept maps' size: the input size,
-    # or a tiled run's tile size, so that memory follows the kept maps, not the full-size images)
+    # or a tiled run's tile size, so that memory follows the kept maps, not the full-size images; the files' own
+    # (width, height))
     from torchvision.transforms import functional as F
     from torchvision.transforms.v2 import functional as TF
 
@@ -94,14 +98,16 @@ def load_pictures(cfg, paths, size):
 
     transform = create_transform(cfg.transform, cfg.backbone.name, False)
     max_pixels = cfg.dataset.get("max_image_pixels")
-    pictures, inputs = [], []
+    pictures, inputs, sizes = [], [], []
     for path in paths:
-        picture, _ = transform(read_image(path, max_pixels))
+        image = read_image(path, max_pixels)
+        sizes.append((image.shape[-1], image.shape[-2]))
+        picture, _ = transform(image)
         if tuple(picture.shape[-2:]) != tuple(size):
             picture = TF.resize(picture, list(size), antialias=True)
         inputs.append(F.normalize(picture, transform.mean, transform.std))
         pictures.append(picture.permute(1, 2, 0).double().numpy())
-    return pictures, inputs
+    return pictures, inputs, sizes
 
 
 def normal_maps(predictions):
@@ -129,10 +135,11 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
     calibration = MapCalibration().fit(normal, settings.calibration_quantile)
     _, raw_threshold, threshold_kind = select_threshold(thresholds, settings.threshold)
     threshold = float(calibration(raw_threshold))
-    pictures, inputs = load_pictures(cfg, paths, maps.shape[-2:])
+    pictures, inputs, sizes = load_pictures(cfg, paths, maps.shape[-2:])
     extractor = RegionFeatures(cfg.backbone.name, settings.feature_layers, weights_path, device)
-    regions = [describe_regions(calibration(m), p, threshold, settings.min_area, settings.ring_width, settings.extent)
-               for m, p in zip(maps, pictures)]
+    regions = [describe_regions(calibration(m), p, threshold, settings.min_area, settings.ring_width, settings.extent,
+                                map_pixel_area_mm2(size, cfg.transform, maps.shape[-2:], settings.pixel_mm))
+               for m, p, size in zip(maps, pictures, sizes)]
     features = [extractor(x, [r["mask"] for r in found]) for x, found in zip(inputs, regions)]
     masks = predictions["mask"][:, 0].numpy() > 0 if predictions["has_masks"] else None
     levels, types = read_truth(data["test_set"], paths)
@@ -148,7 +155,7 @@ def grade_run(cfg, run_dir, data, predictions, thresholds, weights_path, device)
                     for f, found in zip(features, regions)]
     true_features = {i: example_features(extractor, inputs[i], pictures[i], masks[i], regions[i], features[i],
                                          settings) for i in np.flatnonzero(has_type)}
-    defaults = default_cut_points(calibration, tuple(settings.default_quantiles))
+    defaults = default_cut_points(calibration, tuple(settings.default_quantiles), key)
     fold = assign_folds(types, labelled, settings.folds, cfg.seed)
     fits = {}
     for k in list(range(settings.folds)) + ["all"]:
@@ -305,8 +312,7 @@ def write_grading(run_dir, settings, calibration, raw_threshold, threshold, thre
             box, centroid = region["bbox"], region["centroid"]
             writer.writerow({"image_path": path, "region": number, "x_min": box[0], "y_min": box[1], "x_max": box[2],
                              "y_max": box[3], "centroid_x": round(centroid[0], 2), "centroid_y": round(centroid[1], 2),
-                             **{k: region[k] for k in ("area_px", "area_pct", "peak_score", "mean_score",
-                                                       "contrast_pct", "severity_score", "level", "type")},
+                             **public_region({k: region[k] for k in REGION_COLUMNS[8:-4]}),
                              "image_level": image_levels[i], "image_type": image_types[i],
                              "true_level": levels[i], "true_type": types[i]})
     write_text_atomic(run_dir / "regions.csv", text.getvalue())

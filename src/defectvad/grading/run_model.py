@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from defectvad.engine.checkpoints import load_weights
 from defectvad.grading.calibration import MapCalibration
 from defectvad.grading.defect_types import TypeClassifier
-from defectvad.grading.images import describe_regions, grade_regions, public_region
+from defectvad.grading.images import describe_regions, grade_regions, map_pixel_area_mm2, public_region
 from defectvad.grading.region_features import RegionFeatures
 from defectvad.grading.region_shape import describe_shape
 from defectvad.grading.run_grading import FEATURE_WEIGHTS
@@ -27,18 +27,22 @@ class RunGrading:
         self.levels_from = model["levels_from"]
         self.classifier = None if model["classifier"] is None else TypeClassifier.from_dict(model["classifier"])
         self.transform = run.transform
+        self.transform_settings = run.cfg.transform
         self.extractor = None
         if self.classifier is not None:
             # the run saved the backbone layers the classifier's features come from
             self.extractor = RegionFeatures(run.cfg.backbone.name, self.settings["feature_layers"], None, run.device)
             load_weights(self.extractor.extractor, run.run_dir / FEATURE_WEIGHTS)
 
-    def __call__(self, picture, anomaly_map):
-        # picture: (3, H, W) in [0, 1] as the model saw it; (image level, image type, regions without masks)
+    def __call__(self, picture, anomaly_map, original_size):
+        # picture: (3, H, W) in [0, 1] as the model saw it, original_size: the file's (width, height);
+        # (image level, image type, regions without masks)
         anomaly_map = torch.as_tensor(anomaly_map).double().numpy()
         shown = TF.resize(picture, list(anomaly_map.shape), antialias=True).permute(1, 2, 0).double().numpy()
+        pixel_area = map_pixel_area_mm2(original_size, self.transform_settings, anomaly_map.shape,
+                                        self.settings.get("pixel_mm", 0.1))
         regions = describe_regions(self.calibration(anomaly_map), shown, self.threshold, self.settings["min_area"],
-                                   self.settings["ring_width"], self.settings.get("extent", 0.0))
+                                   self.settings["ring_width"], self.settings.get("extent", 0.0), pixel_area)
         features = None
         if self.extractor is not None and regions:
             features = self.extractor(F.normalize(picture, self.transform.mean, self.transform.std),

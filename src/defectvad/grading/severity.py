@@ -2,7 +2,8 @@
 # levels 1-5 from a region's severity score and four increasing cut-points: level = 1 + the number of cut-points
 # at or below the score; an image without a region is level 0. Cut-points are given, fitted on labelled images
 # (coordinate ascent on the quadratic weighted kappa, from the quantiles that match the true levels' shares), or
-# by default the calibrated values of normal-pixel quantiles
+# by default the calibrated values of normal-pixel quantiles (map scores) or a doubling scale from one
+# just-noticeable difference (the region's contrast in percent, CIEDE2000 and SEMU)
 import numpy as np
 
 from defectvad.errors import ConfigError
@@ -11,6 +12,9 @@ from defectvad.grading.kappa import quadratic_weighted_kappa
 LEVELS = (1, 2, 3, 4, 5)
 IMAGE_LEVELS = (0, 1, 2, 3, 4, 5)
 DEFAULT_QUANTILES = (0.9999, 0.999999, 1 - 1e-8, 1 - 1e-10)
+MAP_SCORES = ("peak_score", "mean_score")
+# SEMI D31's mura levels; a CIEDE2000 of 1 and a large area's contrast of about 1 % are just noticeable too
+JND_CUT_POINTS = (1.0, 2.0, 4.0, 8.0)
 
 
 def check_cut_points(cut_points, key="grading.cut_points"):
@@ -71,7 +75,9 @@ def fit_cut_points(scores, truth, rounds=20):
     return cuts, float(best)
 
 
-def default_cut_points(calibration, quantiles=DEFAULT_QUANTILES):
+def default_cut_points(calibration, quantiles=DEFAULT_QUANTILES, key="peak_score"):
+    if key not in MAP_SCORES:
+        return np.array(JND_CUT_POINTS)
     if len(quantiles) != len(LEVELS) - 1 or any(b <= a for a, b in zip(quantiles, quantiles[1:])):
         raise ConfigError(f"grading.default_quantiles must be {len(LEVELS) - 1} increasing normal-pixel quantiles, "
                           f"got {list(quantiles)}")
