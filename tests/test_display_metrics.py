@@ -302,11 +302,15 @@ def test_reconstruction_models_record_display_metrics(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         asked = compose("config", overrides=[*overrides, "evaluation.lpips=vgg"])
+        tiled = compose("config", overrides=[*overrides, "tiling.tile_size=24", "tiling.stride=8"])
     record = run_experiment(cfg, tmp_path / "run", {"model": "autoencoder", "dataset": "folder"}, overrides, ROOT)
     block = record["reconstruction"]
     assert block["images"] == record["evaluation"]["test_images"] == 4
     assert 0 < block["psnr"] < 100 and 0 < block["ssim"] < 1 and block["delta_e2000"] > 0
     assert 0 <= block["mura_band_share"] <= 1 and block["ms_ssim"] is None and "lpips" not in block
+    # tiled: the stitched reconstructions of whole images are judged, at the images' size
+    record = run_experiment(tiled, tmp_path / "tiled", {"model": "autoencoder", "dataset": "folder"}, overrides, ROOT)
+    assert record["reconstruction"]["images"] == 4 and "at 32x32" in record["reconstruction"]["note"]
     # asking for LPIPS without its files stops the run before any work
     with pytest.raises(BackboneError, match="vgg16-397923af.pth"):
         run_experiment(asked, tmp_path / "asked", {"model": "autoencoder", "dataset": "folder"}, [], ROOT)

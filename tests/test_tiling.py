@@ -15,6 +15,7 @@ from PIL import Image
 
 from defectvad.components.tiler import Tiler, covered_size
 from defectvad.data.loaders import create_dataloader
+from defectvad.engine.inference_batch import InferenceBatch
 from defectvad.engine.tiling import TiledLoader, create_tiler, images_per_tile_batch, predict_tiles
 from defectvad.errors import ConfigError
 from defectvad.metrics.evaluation import compute_metrics
@@ -118,6 +119,15 @@ def test_tiled_prediction_stitches_maps_and_scores_by_tile_or_map():
     torch.testing.assert_close(by_tile["pred_score"], tile_means.amax(dim=1))
     by_map = predict_tiles(step, batch, 0, tiler, 3, "map")
     torch.testing.assert_close(by_map["pred_score"], images[:, 0].flatten(1).amax(dim=1), rtol=0, atol=1e-6)
+    assert "reconstruction" not in by_map
+
+    # a reconstruction model's output tiles are stitched too (its reconstruction block judges whole images)
+    def reconstructing(batch, batch_idx):
+        return InferenceBatch(batch["image"].mean(dim=(1, 2, 3)), batch["image"][:, :1],
+                              {"reconstruction": 1 - batch["image"]})
+
+    stitched = predict_tiles(reconstructing, batch, 0, tiler, 3, "tile")
+    torch.testing.assert_close(stitched["reconstruction"], 1 - images, rtol=0, atol=1e-6)
 
 
 def tiling(**settings):

@@ -111,18 +111,25 @@ def images_per_tile_batch(tiler, image_size, batch_size):
 
 def predict_tiles(step, batch, batch_idx, tiler, batch_size, image_score):
     # step: the trainer's validation_step on a batch of tiles; the maps of the batch's images are stitched back and
-    # each image's score is the largest of its tiles' scores (image_score=tile) or of its stitched map (map)
+    # each image's score is the largest of its tiles' scores (image_score=tile) or of its stitched map (map); a
+    # reconstruction model's tiles of its output are stitched the same way, for the reconstruction block
     size = tuple(batch["image"].shape[-2:])
     count = tiler.count(size)
     tiles = tile_batch(batch, tiler, count)
-    scores, maps = [], []
+    scores, maps, reconstructions = [], [], []
     for start in range(0, len(tiles["image"]), batch_size):
         outputs = step(take(tiles, start, start + batch_size), batch_idx)
         scores.append(outputs["pred_score"].reshape(-1))
         maps.append(outputs["anomaly_map"])
+        reconstruction = outputs.get("reconstruction")
+        if reconstruction is not None and reconstruction.shape[-2:] == tiles["image"].shape[-2:]:
+            reconstructions.append(reconstruction)
     anomaly_map = tiler.untile(torch.cat(maps), size)
     if image_score == "tile":
         pred_score = torch.cat(scores).reshape(-1, count).amax(dim=1)
     else:
         pred_score = anomaly_map.flatten(1).amax(dim=1)
-    return {"pred_score": pred_score, "anomaly_map": anomaly_map}
+    stitched = {"pred_score": pred_score, "anomaly_map": anomaly_map}
+    if len(reconstructions) == len(maps):
+        stitched["reconstruction"] = tiler.untile(torch.cat(reconstructions), size)
+    return stitched
