@@ -186,13 +186,16 @@ def panels(tmp_path_factory):
     return write_square_panels(tmp_path_factory.mktemp("panels"), 16, [(2, red), (12, red), (20, red)])
 
 
+def small_run(panels, model):
+    return ["hardware=cpu", "hardware.threads=1", "trainer.progress_bar=false", "backbone=resnet18",
+            "backbone.pretrained=false", "evaluation.save_images=false", "evaluation.efficiency=false",
+            "dataset=folder", f"dataset.root={panels}", "dataset.abnormal_dir=bad", "dataset.mask_dir=masks",
+            "dataset.normal_test_ratio=0.25", "evaluation.holdout=4", f"model={model}"]
+
+
 def run(panels, run_dir, model, *overrides):
-    small = ["hardware=cpu", "hardware.threads=1", "trainer.progress_bar=false", "backbone=resnet18",
-             "backbone.pretrained=false", "evaluation.save_images=false", "evaluation.efficiency=false",
-             "dataset=folder", f"dataset.root={panels}", "dataset.abnormal_dir=bad", "dataset.mask_dir=masks",
-             "dataset.normal_test_ratio=0.25", "evaluation.holdout=4", f"model={model}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*small, *overrides])
+        cfg = compose("config", overrides=[*small_run(panels, model), *overrides])
     return run_experiment(cfg, run_dir, {"model": model, "dataset": "folder"}, list(overrides), ROOT)
 
 
@@ -233,6 +236,44 @@ def test_an_ensemble_of_two_runs_end_to_end(panels, tmp_path):
     shutil.copytree(panels, other)
     with pytest.raises(ConfigError, match="runs on other data than member .*model.allow_mixed=true"):
         run(panels, tmp_path / "elsewhere", "ensemble", members, f"dataset.root={other}")
+
+
+def test_members_given_as_configs_are_trained_first_inside_the_ensemble_run(panels, tmp_path):
+    from defectvad.sweeps.folders import find_runs
+
+    # as run.py passes them: every override of the run (Hydra's task overrides)
+    overrides = [*small_run(panels, "ensemble"), "transform.image_size=[32,32]", "model.fusion=max",
+                 "model.members=[padim,'patchcore transform.image_size=[24,24]']"]
+    run_dir = tmp_path / "sweep" / "ensemble"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+        record = run_experiment(cfg, run_dir, {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
+        with pytest.raises(ConfigError, match="ensemble member padim .*model.not_a_key"):
+            cfg = compose("config", overrides=[*overrides[:-1], "model.members=[patchcore,'padim model.not_a_key=1']"])
+            run_experiment(cfg, tmp_path / "bad", {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
+    assert record["status"] == "ok"
+    folders = [run_dir / "members" / "1-padim", run_dir / "members" / "2-patchcore"]
+    members = [json.loads((folder / "metrics.json").read_text()) for folder in folders]
+    assert [member["status"] for member in members] == ["ok", "ok"]
+    assert [member["metrics"] for member in members] == [m["metrics"] for m in record["model"]["members"]]
+    # each member composed from the ensemble's settings (data, holdout, seed, size) and its own overrides
+    configs = [compose_saved(folder) for folder in folders]
+    assert [c["model"]["_target_"].rsplit(".", 1)[1] for c in configs] == ["PadimTrainer", "PatchcoreTrainer"]
+    assert [c["transform"]["image_size"] for c in configs] == [[32, 32], [24, 24]]
+    assert all(c["evaluation"]["holdout"] == 4 and c["dataset"]["root"] == str(panels) for c in configs)
+    # the run's config names the trained folders, so it is rebuilt (and scores) as an ensemble of folders is
+    assert compose_saved(run_dir)["model"]["members"] == [str(folder) for folder in folders]
+    again = run(panels, tmp_path / "again", "ensemble", "transform.image_size=[32,32]", "model.fusion=max",
+                f"model.members=['{folders[0]}','{folders[1]}']")
+    assert again["metrics"] == record["metrics"]
+    # the members are part of the ensemble's run, not rows of the sweep's tables
+    assert [path.parent for path, _ in find_runs(tmp_path / "sweep")] == [run_dir]
+
+
+def compose_saved(folder):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
 
 
 def test_tools_ensemble_writes_the_top_k_experiment(tmp_path):

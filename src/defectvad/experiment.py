@@ -14,6 +14,7 @@ from defectvad.engine.resources import read_peak_memory
 from defectvad.engine.run_folders import clear_run_folder, lock_run_folder
 from defectvad.engine.run_record import keep_run_record
 from defectvad.errors import ConfigError
+from defectvad.models.ensemble.member_runs import train_member_configs
 from defectvad.records import METRIC_KEYS, read_git_commit
 
 log = logging.getLogger("defectvad")
@@ -31,6 +32,10 @@ def run_experiment(cfg, run_dir, choices, overrides, repo_dir, single=True):
         with keep_run_record(run_dir / "metrics.json", describe_run(cfg, run_dir, choices, overrides,
                                                                     repo_dir)) as record:
             device, weights_path = check_run(cfg)
+            if train_member_configs(cfg, run_dir, overrides, repo_dir, run_experiment):
+                # the ensemble as it will be rebuilt: its members' folders; its own seed again
+                write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                device, weights_path = check_run(cfg)
             trainer = build_trainer(cfg, run_dir, device, weights_path)
             record.update(start_from_parent(cfg, trainer, record["run"]))
             data = build_data(cfg, trainer, choices.get("dataset"))

@@ -80,5 +80,9 @@ def read_run_status(run_dir):
 
 
 def find_runs(folder):
-    for path in sorted(Path(folder).rglob("metrics.json")):
-        yield path, read_json(path)
+    # a run inside another run's folder (an ensemble's members/) belongs to that run, not to the tables
+    folder = Path(folder)
+    for path in sorted(folder.rglob("metrics.json")):
+        outer = path.parent.relative_to(folder).parents
+        if not any((folder / parent / "metrics.json").is_file() for parent in outer):
+            yield path, read_json(path)
