@@ -13,8 +13,9 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(PYTHON) src/run.py
 
+# two workers, each test file on one of them (its module fixtures run once)
 test: $(INSTALLED)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs multirun
