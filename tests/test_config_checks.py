@@ -50,6 +50,9 @@ def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(compose_config)
     # as the command line gives them
     with pytest.raises(ConfigError, match=r"^seed=abc is not allowed: seed must be an integer from 0 to 4294967295$"):
         check_config(compose_config("seed=abc"))
+    # a value the config leaves to the user (???) is named before any work
+    with pytest.raises(ConfigError, match=r"^model.members must be given .*e.g. model.members=\.\.\.$"):
+        check_config(compose_config("model=ensemble"))
 
 
 def test_every_preset_and_good_values_pass(compose_config):

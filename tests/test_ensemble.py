@@ -251,6 +251,11 @@ def test_members_given_as_configs_are_trained_first_inside_the_ensemble_run(pane
         with pytest.raises(ConfigError, match="ensemble member padim .*model.not_a_key"):
             cfg = compose("config", overrides=[*overrides[:-1], "model.members=[patchcore,'padim model.not_a_key=1']"])
             run_experiment(cfg, tmp_path / "bad", {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
+        # a misspelt name stops the run before any member is trained
+        with pytest.raises(ConfigError, match="'padimm' is neither a usable run folder .* \\(did you mean padim\\?\\)"):
+            cfg = compose("config", overrides=[*overrides[:-1], "model.members=[patchcore,padimm]"])
+            run_experiment(cfg, tmp_path / "typo", {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
+        assert not (tmp_path / "typo" / "members").exists()
     assert record["status"] == "ok"
     folders = [run_dir / "members" / "1-padim", run_dir / "members" / "2-patchcore"]
     members = [json.loads((folder / "metrics.json").read_text()) for folder in folders]

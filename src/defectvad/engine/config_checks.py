@@ -88,6 +88,10 @@ def show(value):
 
 
 def check_config(cfg):
+    unset = sorted(OmegaConf.missing_keys(cfg))
+    if unset:
+        raise ConfigError(f"{', '.join(unset)} must be given (the config leaves {'them' if len(unset) > 1 else 'it'} "
+                          f"as ???), e.g. {unset[0]}=...")
     for key, allowed, description in RULES:
         value = OmegaConf.select(cfg, key, default=MISSING)
         if value is not MISSING and not allowed(value):

@@ -3,6 +3,7 @@
 # <run folder>]) are trained first, each as a run of its own in <run dir>/members/<n>-<model>, composed from the
 # ensemble run's overrides (its data set, seed, holdout, backbone, size...) less those of the model and the
 # experiment preset, plus `model=<name>` and the entry's own overrides; the ensemble then takes their folders
+import difflib
 import logging
 import shlex
 from pathlib import Path
@@ -18,7 +19,7 @@ MEMBER_FOLDER = "members"
 def find_member_configs(members, repo_dir):
     # {index: (model name, the entry's own overrides)} for the entries that name a model config, not a folder
     found = {}
-    for index, entry in enumerate(members or []):
+    for index, entry in enumerate(members):
         entry = str(entry)
         if Path(entry).expanduser().exists():
             continue
@@ -29,6 +30,20 @@ def find_member_configs(members, repo_dir):
             raise ConfigError(f"model.members: '{entry}' is an ensemble; an ensemble's members are single models")
         found[index] = (words[0], words[1:])
     return found
+
+
+def check_member_folders_first(members, configs, repo_dir):
+    # before any member is trained: every other entry must be a usable run folder
+    from defectvad.inference.runs import find_run_problems
+
+    names = sorted(path.stem for path in (Path(repo_dir) / "conf" / "model").glob("*.yaml"))
+    for index, entry in enumerate(members):
+        problems = [] if index in configs else find_run_problems(Path(str(entry)).expanduser())
+        if problems:
+            close = difflib.get_close_matches(str(entry).split(" ")[0], names, n=1)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"model.members: '{entry}' is neither a usable run folder ({'; '.join(problems)}) nor "
+                              f"a model config{guess}; model configs: {', '.join(names)}")
 
 
 def is_model_override(override):
@@ -53,10 +68,13 @@ def compose_member(name, overrides):
 
 def train_member_configs(cfg, run_dir, overrides, repo_dir, run_member):
     # trains the members given as configs, puts their folders into cfg.model.members; True when there were any
-    members = list(cfg.model.get("members") or []) if "members" in cfg.model else []
+    members = cfg.model.get("members")
+    if members is None or isinstance(members, str):
+        return False
     configs = find_member_configs(members, repo_dir)
     if not configs:
         return False
+    check_member_folders_first(members, configs, repo_dir)
     folders = [str(member) for member in members]
     shared = [override for override in overrides if not is_model_override(override)]
     for index, (name, extra) in configs.items():

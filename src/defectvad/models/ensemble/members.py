@@ -25,7 +25,8 @@ def check_member_folders(members):
            if problems]
     if bad:
         raise ConfigError(f"ensemble member not usable: {', '.join(bad)}; each member must be the folder of a run "
-                          f"that finished with status ok (metrics.json, config.yaml, weights/)")
+                          f"that finished with status ok (metrics.json, config.yaml, weights/), or a model config name "
+                          f"(conf/model/<name>.yaml) to train in this run")
     return folders
 
 
