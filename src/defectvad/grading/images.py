@@ -17,8 +17,8 @@ SEVERITY_SCORES = ("peak_score", "mean_score", "contrast", "delta_e2000", "semu"
 
 
 def map_pixel_area_mm2(original_size, transform, map_size, pixel_mm):
-    # the area on the part of one map pixel: original_size (width, height) of the image file, which the transform
-    # resized to image_size and centre-cropped (or not), and the map covers at map_size (height, width)
+    # the area in mm2 of the part of the image file under one map pixel: original_size (width, height) of the file,
+    # which the transform resized to image_size and centre-cropped (or not), and the map covers at map_size (h, w)
     width, height = original_size
     resized = to_size_pair(transform.image_size, "transform.image_size")
     crop = resized if transform.get("center_crop") is None else to_size_pair(transform.center_crop,

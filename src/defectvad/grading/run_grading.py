@@ -30,8 +30,8 @@ from defectvad.grading.severity import IMAGE_LEVELS, assign_levels, check_cut_po
 log = logging.getLogger("defectvad")
 FEATURE_WEIGHTS = "weights/grading_features.safetensors"
 REGION_COLUMNS = ("image_path", "region", "x_min", "y_min", "x_max", "y_max", "centroid_x", "centroid_y", "area_px",
-                  "area_pct", "peak_score", "mean_score", "contrast_pct", "delta_e2000", "semu", "severity_score", "level", "type",
-                  "image_level", "image_type", "true_level", "true_type")
+                  "area_pct", "peak_score", "mean_score", "contrast_pct", "delta_e2000", "semu", "severity_score",
+                  "level", "type", "image_level", "image_type", "true_level", "true_type")
 
 
 def check_grading(settings):
