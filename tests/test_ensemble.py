@@ -262,12 +262,12 @@ def test_members_given_as_configs_are_trained_first_inside_the_ensemble_run(pane
     assert [member["status"] for member in members] == ["ok", "ok"]
     assert [member["metrics"] for member in members] == [m["metrics"] for m in record["model"]["members"]]
     # each member composed from the ensemble's settings (data, holdout, seed, size) and its own overrides
-    configs = [compose_saved(folder) for folder in folders]
+    configs = [read_saved_config(folder) for folder in folders]
     assert [c["model"]["_target_"].rsplit(".", 1)[1] for c in configs] == ["PadimTrainer", "PatchcoreTrainer"]
     assert [c["transform"]["image_size"] for c in configs] == [[32, 32], [24, 24]]
     assert all(c["evaluation"]["holdout"] == 4 and c["dataset"]["root"] == str(panels) for c in configs)
     # the run's config names the trained folders, so it is rebuilt (and scores) as an ensemble of folders is
-    assert compose_saved(run_dir)["model"]["members"] == [str(folder) for folder in folders]
+    assert read_saved_config(run_dir)["model"]["members"] == [str(folder) for folder in folders]
     again = run(panels, tmp_path / "again", "ensemble", "transform.image_size=[32,32]", "model.fusion=max",
                 f"model.members=['{folders[0]}','{folders[1]}']")
     assert again["metrics"] == record["metrics"]
@@ -275,7 +275,7 @@ def test_members_given_as_configs_are_trained_first_inside_the_ensemble_run(pane
     assert [path.parent for path, _ in find_runs(tmp_path / "sweep")] == [run_dir]
 
 
-def compose_saved(folder):
+def read_saved_config(folder):
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
