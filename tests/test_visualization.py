@@ -112,3 +112,32 @@ def test_run_images_are_written_with_the_expected_names(tmp_path):
     assert len(written) == len(names)
     with Image.open(tmp_path / "false_positive_1_good_004.png") as picture:
         assert picture.size == (3 * 256, 256 + CAPTION_HEIGHT)
+
+
+def yellow_pixels(path):
+    pixels = read_png(path).astype(int)
+    return (pixels[..., 0] > 200) & (pixels[..., 1] > 200) & (pixels[..., 2] < 60)
+
+
+def test_run_images_draw_the_graded_regions(tmp_path):
+    # grading.json's boxes (inclusive pixels of the 16-pixel map) and labels in yellow on the overlay
+    predictions = fake_predictions()
+    defect_types = ["good"] * 5 + ["hole"] * 3 + ["crack"] * 2
+    thresholds = {"f1_test": {"image": 0.44, "pixel": 0.4}, "normal": {"image": 0.5, "pixel": 0.5},
+                  "map_range": [0.0, 0.7]}
+
+    def grey(path):
+        return torch.full((3, 16, 16), 0.5)
+
+    path = predictions["image_path"][5]
+    grades = {path: {"level": 4, "type": "hole", "regions": [{"bbox": [4, 4, 7, 7], "level": 4, "type": "hole"}]}}
+    write_run_images(tmp_path / "plain", predictions, defect_types, thresholds, grey, 1)
+    write_run_images(tmp_path / "graded", predictions, defect_types, thresholds, grey, 1, grades)
+    assert not yellow_pixels(tmp_path / "plain" / "hole_000.png").any()
+    assert not yellow_pixels(tmp_path / "graded" / "good_000.png").any()
+    # the box and its label sit in the third tile (the overlay, below the caption): the box's outer edges at map
+    # pixels 4 and 8 (its last pixel 7 included), 16 screen pixels each; the label just above it
+    ys, xs = np.nonzero(yellow_pixels(tmp_path / "graded" / "hole_000.png"))
+    assert abs(xs.min() - (2 * 256 + 4 * 16)) <= 1 and abs(xs.max() - (2 * 256 + 8 * 16)) <= 1
+    assert abs(ys.max() - (CAPTION_HEIGHT + 8 * 16)) <= 1
+    assert CAPTION_HEIGHT + 2 * 16 < ys.min() < CAPTION_HEIGHT + 4 * 16

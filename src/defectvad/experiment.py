@@ -399,7 +399,8 @@ def write_outputs(cfg, run_dir, trainer, data, predictions, record, device):
     record["efficiency"] = measure_run_efficiency(cfg, trainer, data["test_set"], device, record["timing"],
                                                   record["resources"])
     if cfg.evaluation.save_images:
-        save_run_images(cfg, run_dir / "images", predictions, defect_types, record["thresholds"])
+        save_run_images(cfg, run_dir / "images", predictions, defect_types, record["thresholds"],
+                        read_grades(run_dir, record.get("grading")))
 
 
 def write_test_scores(path, predictions, defect_types, thresholds, categories=None):
@@ -442,7 +443,16 @@ def measure_run_efficiency(cfg, trainer, test_set, device, timing, resources):
     return {"measured": True, **figures, **timing, **resources}
 
 
-def save_run_images(cfg, folder, predictions, defect_types, thresholds):
+def read_grades(run_dir, summary):
+    # each test image's level, type and regions, when the run graded them (grading.json)
+    import json
+
+    if not summary or "error" in summary or not (run_dir / "grading.json").is_file():
+        return None
+    return {image["image_path"]: image for image in json.loads((run_dir / "grading.json").read_text())["images"]}
+
+
+def save_run_images(cfg, folder, predictions, defect_types, thresholds, grades=None):
     from defectvad.data.images import read_image
     from defectvad.data.transforms import create_transform
     from defectvad.visualization.run_images import write_run_images
@@ -456,6 +466,6 @@ def save_run_images(cfg, folder, predictions, defect_types, thresholds):
     try:
         write_run_images(folder, predictions, defect_types, thresholds,
                          lambda path: TF.resize(display(read_image(path, max_pixels))[0], size, antialias=True),
-                         cfg.evaluation.images_per_type)
+                         cfg.evaluation.images_per_type, grades)
     except Exception as error:
         log.warning("pictures not written to %s: %s", folder, error)

@@ -6,6 +6,7 @@ from defectvad.atomic_files import atomic_write
 from defectvad.metrics.thresholds import is_number
 from defectvad.visualization.panels import describe, draw_panel
 from defectvad.visualization.plots import draw_roc_curve, draw_score_histogram
+from defectvad.visualization.region_boxes import describe_grade, draw_region_boxes
 
 
 def save_png(figure, path):
@@ -38,9 +39,10 @@ def pick_errors(scores, labels, threshold, count):
     return positives[:count], negatives[:count]
 
 
-def write_run_images(folder, predictions, defect_types, thresholds, load_image, per_type=3):
+def write_run_images(folder, predictions, defect_types, thresholds, load_image, per_type=3, grades=None):
     # overlays of a few test images per defect type and of the worst errors at the F1 threshold,
-    # the ROC curve and the score histogram; load_image(path) gives the (3, H, W) picture the model saw
+    # the ROC curve and the score histogram; load_image(path) gives the (3, H, W) picture the model saw; grades:
+    # {image path: its grading.json entry}, whose level, type and region boxes are drawn on the overlay
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
@@ -57,8 +59,13 @@ def write_run_images(folder, predictions, defect_types, thresholds, load_image, 
         mask = predictions["mask"][index, 0].numpy() if predictions["has_masks"] else None
         name = f"{defect_types[index]}/{Path(paths[index]).name}"
         caption = describe(name, scores[index], image_threshold, "f1_test")
+        grade = (grades or {}).get(paths[index])
+        if grade is not None:
+            caption += f"; {describe_grade(grade['level'], grade['type'])}"
         panel = draw_panel(load_image(paths[index]), predictions["anomaly_map"][index, 0].numpy(), pixel_threshold,
                            thresholds["map_range"], caption, mask)
+        if grade is not None:
+            draw_region_boxes(panel, grade["regions"])
         name = safe_name(f"{prefix}{defect_types[index]}_{Path(paths[index]).stem}") + ".png"
         written.append(save_png(panel, folder / name))
 
