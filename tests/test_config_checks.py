@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("transform.center_crop", "abc", "abc", "a pair [height,width] of integers >= 1"),
     ("evaluation.normal_quantile", 1.5, "1.5", "a number in (0, 1]"),
     ("trainer.early_stopping.mode", "maximum", "maximum", "min or max"),
+    ("tiling.per_position", "yes", "yes", "true or false"),
 ]
 
 

@@ -180,6 +180,17 @@ def test_missing_failed_and_mixed_members_are_refused(tmp_path):
     check_same_data(mixed, True)
 
 
+def test_a_tiled_member_is_refused():
+    from omegaconf import OmegaConf
+
+    from defectvad.models.ensemble.members import check_member_input
+
+    cfg = OmegaConf.create({"transform": {"center_crop": None}, "tiling": {"tile_size": 32}})
+    tiled = SimpleNamespace(run_dir="runs/tiled", cfg=cfg, tiler=object(), model=None, trainer=None)
+    with pytest.raises(ConfigError, match="runs/tiled is a tiled run \\(tiling.tile_size=32\\)"):
+        check_member_input(tiled)
+
+
 @pytest.fixture(scope="module")
 def panels(tmp_path_factory):
     red = (250, 30, 30)

@@ -258,3 +258,70 @@ def test_a_tiled_run_at_full_resolution_records_how_it_was_judged(tmp_path):
     assert set(found) == {"b0.png", "b1.png"}
     for name, score in found.items():
         assert score == pytest.approx(expected[name], rel=1e-5)
+
+
+def write_position_panels(root, rng):
+    # 64-pixel grey noise whose top-left quarter always holds vertical stripes; the defect: stripes in the top-right
+    # quarter too, where the training images never have them
+    def panel(stripes_right):
+        image = rng.normal(120, 6, (64, 64, 3))
+        image[:32, :32:4] = 230
+        if stripes_right:
+            image[:32, 32::4] = 230
+        return Image.fromarray(image.clip(0, 255).astype(np.uint8))
+
+    for folder in ("good", "bad", "masks"):
+        (root / folder).mkdir(parents=True)
+    for index in range(10):
+        panel(False).save(root / "good" / f"{index}.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:32, 32:] = 255
+    for index in range(2):
+        panel(True).save(root / "bad" / f"b{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"b{index}.png")
+
+
+def test_per_position_models_learn_what_belongs_where(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from defectvad.experiment import run_experiment
+    from defectvad.inference.predictions import load_input, predict_files
+    from defectvad.inference.runs import TrainedRun
+
+    write_position_panels(tmp_path / "panels", np.random.default_rng(0))
+    overrides = ["model=padim", "hardware=cpu", "hardware.threads=1", "backbone=resnet18", "backbone.pretrained=false",
+                 "dataset=folder", f"dataset.root={tmp_path / 'panels'}", "dataset.abnormal_dir=bad",
+                 "dataset.mask_dir=masks", "dataset.normal_test_ratio=0.2", "transform.image_size=[64,64]",
+                 "tiling.tile_size=32", "evaluation.save_images=false", "evaluation.efficiency=false",
+                 "grading.enabled=false", "trainer.progress_bar=false"]
+    records = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for per_position in (False, True):
+            cfg = compose("config", overrides=[*overrides, f"tiling.per_position={per_position}"])
+            run_dir = tmp_path / f"per_position_{per_position}"
+            records[per_position] = run_experiment(cfg, run_dir, {"model": "padim", "dataset": "folder"}, [], ROOT)
+    shared, positions = records[False], records[True]
+    assert positions["model"]["tile_positions"] == 4
+    # one model for all tiles has seen stripes (top left) and takes them as normal anywhere; the top-right model
+    # never saw them there
+    assert positions["metrics"]["pixel_ap"] > 0.95 and positions["metrics"]["aupro"] > 0.95
+    assert shared["metrics"]["pixel_ap"] < positions["metrics"]["pixel_ap"] - 0.4
+    assert shared["metrics"]["aupro"] < positions["metrics"]["aupro"] - 0.3
+
+    # the run is one state dict: tools/predict.py rebuilds the four models and routes each tile to its own
+    run = TrainedRun(tmp_path / "per_position_True", "cpu")
+    assert len(run.trainer.trainers) == 4
+    with open(tmp_path / "per_position_True" / "test_scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    found = {str(path): (score, anomaly_map) for path, _, score, anomaly_map in
+             predict_files(run, [Path(row["image_path"]) for row in rows], 4, [])}
+    for row in rows:
+        assert found[row["image_path"]][0] == pytest.approx(float(row["pred_score"]), rel=1e-5)
+    # without overlap each quarter of the map is its position's model's map of that quarter
+    bad = next(row["image_path"] for row in rows if row["image_path"].endswith("b0.png"))
+    picture, model_input = load_input(Path(bad), run.transform, run.normalize)
+    anomaly_map = found[bad][1]
+    for position, (top, left) in enumerate([(0, 0), (0, 32), (32, 0), (32, 32)]):
+        alone = run.trainer.trainers[position].model(model_input[None, :, top:top + 32, left:left + 32])
+        torch.testing.assert_close(anomaly_map[top:top + 32, left:left + 32], alone["anomaly_map"][0, 0].float(),
+                                   rtol=1e-5, atol=1e-5)

@@ -99,11 +99,14 @@ def check_lpips(cfg):
 
 
 def build_trainer(cfg, run_dir, device, weights_path):
+    from defectvad.engine.positions import build_trainer_for_tiling
     from defectvad.engine.tiling import create_tiler, tiled_model_settings
 
-    tiler = create_tiler(cfg.get("tiling"), cfg.transform.center_crop or cfg.transform.image_size)
-    trainer = instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all",
-                          **tiled_model_settings(cfg, tiler))
+    size = cfg.transform.center_crop or cfg.transform.image_size
+    tiler = create_tiler(cfg.get("tiling"), size)
+    trainer = build_trainer_for_tiling(
+        lambda: instantiate(cfg.model, backbone=cfg.backbone.name, weights_path=weights_path, _convert_="all",
+                            **tiled_model_settings(cfg, tiler)), cfg.get("tiling"), tiler, size)
     if trainer.learning_type not in LEARNING_TYPES:
         raise ConfigError(f"{type(trainer).__name__}.learning_type is '{trainer.learning_type}'; "
                           f"it must be one of: {', '.join(LEARNING_TYPES)}")
@@ -156,7 +159,8 @@ def build_train_loader(cfg, trainer, train_set, loader):
     # a tiled run trains on batches of tiles, cut from as few images as fill one
     from defectvad.engine.tiling import TiledLoader, images_per_tile_batch
 
-    if train_set is None or trainer.tiler is None:
+    if train_set is None or trainer.tiler is None or getattr(trainer, "per_position", False):
+        # per-position models take their tiles from batches of images
         return loader(train_set, cfg.loader.train_batch_size, True)
     images = images_per_tile_batch(trainer.tiler, cfg.transform.center_crop or cfg.transform.image_size,
                                    cfg.loader.train_batch_size)
@@ -434,7 +438,8 @@ def measure_run_efficiency(cfg, trainer, test_set, device, timing, resources):
             images = trainer.tiler.tile(test_set[0]["image"].unsqueeze(0))[:count]
         else:
             images = torch.stack([test_set[index]["image"] for index in range(count)])
-        figures = measure_efficiency(trainer.model, images, device, cfg.hardware.precision,
+        figures = measure_efficiency(getattr(trainer, "efficiency_model", trainer.model), images, device,
+                                     cfg.hardware.precision,
                                      cfg.evaluation.efficiency_warmup, cfg.evaluation.latency_repeats,
                                      cfg.evaluation.efficiency_batch_size, cfg.evaluation.throughput_repeats)
     except Exception as error:

@@ -71,6 +71,7 @@ RULES = (
     ("tiling.tile_size", or_null(size), SIZE + ", or null for no tiling"),
     ("tiling.stride", or_null(size), SIZE + ", or null for the tile size"),
     ("tiling.batch_size", or_null(integer_from(1)), "an integer >= 1, or null for loader.eval_batch_size"),
+    ("tiling.per_position", lambda value: isinstance(value, bool), "true or false"),
 )
 
 

@@ -44,6 +44,13 @@ def predict_run_batch(run, inputs):
     # a tiled run cuts each image into tiles, as in its evaluation, and stitches the maps back
     if run.tiler is None:
         return predict_batch(run.model, inputs, run.device, run.precision)
+    if getattr(run.trainer, "per_position", False):
+        # each position's tiles through its own model
+        positions = run.trainer.trainers
+        outputs = run.trainer.predict_positions({"image": inputs}, lambda position, tiles: dict(zip(
+            ("pred_score", "anomaly_map"), predict_batch(positions[position].model, tiles["image"], run.device,
+                                                         run.precision))))
+        return outputs["pred_score"], outputs["anomaly_map"]
     settings = run.cfg.tiling
     batch_size = settings.batch_size or run.cfg.loader.eval_batch_size
     step = lambda tiles, _: dict(zip(("pred_score", "anomaly_map"),  # noqa: E731

@@ -10,6 +10,7 @@ from defectvad.data.images import check_max_image_pixels
 from defectvad.data.transforms import create_transform
 from defectvad.engine.checkpoints import load_weights
 from defectvad.engine.devices import resolve_device
+from defectvad.engine.positions import build_trainer_for_tiling
 from defectvad.engine.tiling import create_tiler, tiled_model_settings
 from defectvad.errors import ConfigError, DefectVADError
 
@@ -80,8 +81,13 @@ class TrainedRun:
         for key, value in TRAINING_ONLY.items():
             if key in model_cfg:
                 model_cfg[key] = value
-        trainer = instantiate(model_cfg, backbone=self.cfg.backbone.name, weights_path=None, _convert_="all",
-                              **tiled_model_settings(self.cfg, self.tiler))
+        size = self.cfg.transform.center_crop or self.cfg.transform.image_size
+        trainer = build_trainer_for_tiling(
+            lambda: instantiate(model_cfg, backbone=self.cfg.backbone.name, weights_path=None, _convert_="all",
+                                **tiled_model_settings(self.cfg, self.tiler)), self.cfg.get("tiling"), self.tiler, size)
+        if self.tiler is not None:
+            trainer.configure_tiling(self.tiler, self.cfg.tiling.batch_size or self.cfg.loader.eval_batch_size,
+                                     self.cfg.tiling.image_score)
         try:
             load_weights(trainer.model, self.weights_path)
         except RuntimeError as error:

@@ -52,6 +52,10 @@ def check_member_input(run):
         raise ConfigError(f"ensemble member {run.run_dir} centre-crops its input (transform.center_crop="
                           f"{run.cfg.transform.center_crop}), which the ensemble does not undo on its maps; use "
                           f"members trained with transform.center_crop=null")
+    if run.tiler is not None:
+        raise ConfigError(f"ensemble member {run.run_dir} is a tiled run (tiling.tile_size="
+                          f"{run.cfg.tiling.tile_size}); an ensemble gives each member whole images: use members "
+                          f"trained without tiling")
     if getattr(run.model, "batch_level", False) or not run.trainer.tileable:
         raise ConfigError(f"ensemble member {run.run_dir} scores the test set as a whole ({run.name}); an ensemble "
                           f"needs members that score each image on its own")
