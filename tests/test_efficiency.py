@@ -71,6 +71,20 @@ def test_flops_of_a_backbone_agree_with_the_hand_count(backbone, hand_count):
     assert flops == pytest.approx(2 * hand_count(224), rel=0.05)
 
 
+@pytest.mark.parametrize("block", ["clip", "vit"])
+def test_transformer_block_flops_count_attention_on_a_cpu(block):
+    # torch's counter has no CPU formula for scaled_dot_product_attention nor for nn.MultiheadAttention's fused
+    # inference path (it counted 0 there); by hand: q, k, v and output projections 8 L E^2, the two attention
+    # products 4 L^2 E, the MLP 16 L E^2 (2 per multiply-add)
+    from defectvad.backbones.clip import ResidualAttentionBlock
+    from defectvad.backbones.vit import Block
+
+    tokens, width = 10, 32
+    module = ResidualAttentionBlock(width, 4) if block == "clip" else Block(width, 4)
+    flops = count_flops(module, torch.randn(1, tokens, width))
+    assert flops == 8 * tokens * width**2 + 4 * tokens**2 * width + 16 * tokens * width**2
+
+
 def test_padim_flops_count_the_mahalanobis_distance_as_a_matmul():
     torch.manual_seed(0)
     size, n_features = 64, 100

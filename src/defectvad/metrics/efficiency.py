@@ -5,13 +5,35 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from defectvad.engine.devices import autocast
 
 FLOPS_NOTE = ("torch.utils.flop_counter.FlopCounterMode on one evaluation forward at batch 1: convolutions and "
-              "matrix products (a memory-bank search or Mahalanobis distance counts as matmuls), 2 per "
-              "multiply-add; element-wise ops, pooling, interpolation and sorting are not counted")
+              "matrix products (a memory-bank search or Mahalanobis distance counts as matmuls, attention as its "
+              "projections and its two products), 2 per multiply-add; element-wise ops, softmax, pooling, "
+              "interpolation and sorting are not counted")
+
+
+def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    # scaled_dot_product_attention on a CPU, which torch's counter has no formula for: its two matrix products
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def fused_multi_head_attention_flops(query_shape, key_shape, value_shape, embed_dim, *args, out_shape=None,
+                                     **kwargs):
+    # nn.MultiheadAttention's fused inference path (batch first): the query, key, value and output projections
+    # and the two attention products, none of which torch's counter sees inside the fused op
+    batch, length, _ = query_shape
+    source = key_shape[1]
+    projections = 2 * batch * embed_dim * embed_dim * (2 * length + 2 * source)
+    return projections + 4 * batch * length * source * embed_dim
+
+
+ATTENTION_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+    torch.ops.aten._native_multi_head_attention: fused_multi_head_attention_flops,
+}
 
 
 def measure_peak_rss_mb():
@@ -31,7 +53,7 @@ def count_parameters(module):
 def count_flops(model, images):
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as counter:
         model(images)
     model.train(was_training)
     return int(counter.get_total_flops())
