@@ -438,8 +438,9 @@ def measure_run_efficiency(cfg, trainer, test_set, device, timing, resources):
             images = trainer.tiler.tile(test_set[0]["image"].unsqueeze(0))[:count]
         else:
             images = torch.stack([test_set[index]["image"] for index in range(count)])
-        figures = measure_efficiency(getattr(trainer, "efficiency_model", trainer.model), images, device,
-                                     cfg.hardware.precision,
+        # per-position models: one position's model, which every tile goes through one of
+        model = getattr(trainer, "efficiency_model", trainer.model)
+        figures = measure_efficiency(model, images, device, cfg.hardware.precision,
                                      cfg.evaluation.efficiency_warmup, cfg.evaluation.latency_repeats,
                                      cfg.evaluation.efficiency_batch_size, cfg.evaluation.throughput_repeats)
     except Exception as error:
