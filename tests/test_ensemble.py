@@ -267,6 +267,10 @@ def test_members_given_as_configs_are_trained_first_inside_the_ensemble_run(pane
             cfg = compose("config", overrides=[*overrides[:-1], "model.members=[patchcore,padimm]"])
             run_experiment(cfg, tmp_path / "typo", {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
         assert not (tmp_path / "typo" / "members").exists()
+        with pytest.raises(ConfigError, match="model.members must list 2 to 4"):
+            cfg = compose("config", overrides=[*overrides[:-1], "model.members=[padim,patchcore,dfm,dfkde,padim]"])
+            run_experiment(cfg, tmp_path / "five", {"model": "ensemble", "dataset": "folder"}, overrides, ROOT)
+        assert not (tmp_path / "five" / "members").exists()
     assert record["status"] == "ok"
     folders = [run_dir / "members" / "1-padim", run_dir / "members" / "2-patchcore"]
     members = [json.loads((folder / "metrics.json").read_text()) for folder in folders]

@@ -33,9 +33,9 @@ def run_experiment(cfg, run_dir, choices, overrides, repo_dir, single=True):
                                                                     repo_dir)) as record:
             device, weights_path = check_run(cfg)
             if train_member_configs(cfg, run_dir, overrides, repo_dir, run_experiment):
-                # the ensemble as it will be rebuilt: its members' folders; its own seed again
+                # the ensemble as it will be rebuilt: its members' folders; its own threads and seed again
                 write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-                device, weights_path = check_run(cfg)
+                prepare_process(cfg)
             trainer = build_trainer(cfg, run_dir, device, weights_path)
             record.update(start_from_parent(cfg, trainer, record["run"]))
             data = build_data(cfg, trainer, choices.get("dataset"))
@@ -76,8 +76,7 @@ def check_run(cfg):
     # before any data or model work
     check_config(cfg)
     from defectvad.backbones.weights import resolve_weights, verify_weights
-    from defectvad.engine.devices import check_precision, resolve_device, set_threads
-    from defectvad.engine.seeding import seed_everything
+    from defectvad.engine.devices import check_precision, resolve_device
 
     device = resolve_device(cfg.hardware.accelerator)
     check_precision(cfg.hardware.precision)
@@ -85,10 +84,17 @@ def check_run(cfg):
     if cfg.backbone.pretrained:
         weights_path = resolve_weights(cfg.backbone.name, cfg.paths.backbone_dir, cfg.backbone.weights)
         verify_weights(weights_path)
-    set_threads(cfg.hardware.threads)
-    seed_everything(cfg.seed)
+    prepare_process(cfg)
     check_lpips(cfg)
     return device, weights_path
+
+
+def prepare_process(cfg):
+    from defectvad.engine.devices import set_threads
+    from defectvad.engine.seeding import seed_everything
+
+    set_threads(cfg.hardware.threads)
+    seed_everything(cfg.seed)
 
 
 def check_lpips(cfg):

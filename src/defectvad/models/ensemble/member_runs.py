@@ -33,9 +33,11 @@ def find_member_configs(members, repo_dir):
 
 
 def check_member_folders_first(members, configs, repo_dir):
-    # before any member is trained: every other entry must be a usable run folder
+    # before any member is trained: as many members as an ensemble takes, every other entry a usable run folder
     from defectvad.inference.runs import find_run_problems
+    from defectvad.models.ensemble.members import check_member_count
 
+    check_member_count(members)
     names = sorted(path.stem for path in (Path(repo_dir) / "conf" / "model").glob("*.yaml"))
     for index, entry in enumerate(members):
         problems = [] if index in configs else find_run_problems(Path(str(entry)).expanduser())

@@ -12,12 +12,16 @@ from defectvad.errors import ConfigError
 MIN_MEMBERS, MAX_MEMBERS = 2, 4
 
 
-def check_member_folders(members):
-    from defectvad.inference.runs import find_run_problems
-
+def check_member_count(members):
     if isinstance(members, (str, Path)) or not members or not MIN_MEMBERS <= len(members) <= MAX_MEMBERS:
         raise ConfigError(f"model.members must list {MIN_MEMBERS} to {MAX_MEMBERS} run folders, e.g. "
                           f"model.members=[multirun/a/run1,multirun/a/run2]; got {members!r}")
+
+
+def check_member_folders(members):
+    from defectvad.inference.runs import find_run_problems
+
+    check_member_count(members)
     folders = [Path(str(member)).expanduser().resolve() for member in members]
     if len(set(folders)) < len(folders):
         raise ConfigError(f"model.members names a run folder twice: {', '.join(map(str, folders))}")
